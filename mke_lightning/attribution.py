@@ -1,0 +1,279 @@
+"""Neuron attribution: which MLP neurons carry the answer to a prompt.
+
+Scores are taken at the input of each layer's MLP output projection (the
+quantity an edit of a value vector multiplies), at the last prompt position.
+
+* ``integrated_gradients``: score = (a - b) x mean gradient of P(answer token)
+  along the straight path from a baseline ``b`` to the activation ``a``,
+  ``steps`` points (right Riemann sum, alpha = k/steps). Baseline ``zero``, or
+  ``eos``: the mean activation over copies of the prompt with one token at a
+  time replaced by EOS (the MEMLA authors' choice).
+
+  ``ig_path: per_layer`` scales one layer at a time while the others run
+  normally (the authors' way: one path per layer, ``L x steps`` rows per
+  prompt). ``ig_path: all_layers`` scales every layer's last-position
+  activation at once along one path (``steps`` rows per prompt, about L times
+  cheaper).
+* ``grad_x_act``: activation x gradient, one forward and backward pass.
+
+With ``prefix_cache`` (default) the prompt's first T-1 tokens run once and
+every row runs only its last token against their cached keys and values:
+exact, because the patch touches the last position only.
+
+Multi-token answers are handled as the authors do: for answer token j the
+input is the prompt followed by the model's own first j greedy tokens, and the
+scores of all answer tokens are summed. Every (prompt, answer token, step) row
+of a call is batched, ``batch_rows`` rows per forward/backward pass.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from mke_lightning.architectures import ArchSpec, mlp_out_modules
+from mke_lightning.scoring import left_pad
+
+METHODS = ("integrated_gradients", "grad_x_act")
+IG_PATHS = ("all_layers", "per_layer")
+BASELINES = ("zero", "eos")
+
+
+@dataclass
+class AttributionConfig:
+    """How neuron scores are computed."""
+
+    method: str = "integrated_gradients"
+    """``integrated_gradients`` or ``grad_x_act`` (one pass)."""
+    ig_path: str = "all_layers"
+    """``all_layers`` (one path scaling every layer) or ``per_layer`` (one path per layer, the authors' way)."""
+    steps: int = 20
+    """Integration steps per path (the authors use 20)."""
+    baseline: str = "zero"
+    """``zero`` or ``eos`` (mean activation with each token replaced by EOS)."""
+    batch_rows: int = 64
+    """Rows per forward/backward pass: the memory budget of attribution."""
+    prefix_cache: bool = True
+    """Run each prompt's prefix once and every IG row as one cached token.
+
+    Patching the last position changes nothing before it (causal attention),
+    so the rows of a prompt share the keys/values of its first T-1 tokens:
+    a row then costs one token instead of T. Off: every row runs in full."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"attribution.method must be one of {METHODS}, got {self.method!r}")
+        if self.ig_path not in IG_PATHS:
+            raise ValueError(f"attribution.ig_path must be one of {IG_PATHS}, got {self.ig_path!r}")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"attribution.baseline must be one of {BASELINES}, got {self.baseline!r}")
+        if self.steps < 1 or self.batch_rows < 1:
+            raise ValueError("attribution.steps and attribution.batch_rows must be >= 1")
+
+
+@contextmanager
+def last_position_patch(modules: Sequence[torch.nn.Module], fn: Callable[[int, torch.Tensor], torch.Tensor | None]):
+    """Call ``fn(layer, x_last)`` on the MLP-output input at the last position.
+
+    ``x_last`` is ``[B, d_ff]``; if ``fn`` returns a tensor it replaces it.
+    """
+
+    def make_hook(layer: int):
+        def hook(module, args):
+            x = args[0]  # [B, T, d_ff]
+            new = fn(layer, x[:, -1, :])
+            if new is None:
+                return None
+            x = torch.cat([x[:, :-1, :], new.unsqueeze(1).to(x.dtype)], dim=1)
+            return (x, *args[1:])
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(i)) for i, m in enumerate(modules)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _forward_last(model, ids, mask, pos) -> torch.Tensor:
+    """Logits at the last position only: ``[B, V]``."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1, use_cache=False)
+    return out.logits[:, -1, :]
+
+
+def _capture(model, modules, ids, mask, pos, batch_rows: int) -> torch.Tensor:
+    """Clean last-position activations of every layer: ``[N, L, d_ff]``."""
+    parts = []
+    for s in range(0, ids.shape[0], batch_rows):
+        got: dict[int, torch.Tensor] = {}
+
+        def keep(layer, x):
+            got[layer] = x.detach().float()
+            return None
+
+        with torch.no_grad(), last_position_patch(modules, keep):
+            _forward_last(model, ids[s:s + batch_rows], mask[s:s + batch_rows], pos[s:s + batch_rows])
+        parts.append(torch.stack([got[l] for l in range(len(modules))], dim=1))
+    return torch.cat(parts)
+
+
+def _eos_baseline(model, modules, rows: list[list[int]], eos_id: int, pad_id: int, skip_first: bool, batch_rows: int, device):
+    """Mean activation over copies of each row with one token replaced by EOS: ``[N, L, d_ff]``."""
+    variants, owner = [], []
+    for r, row in enumerate(rows):
+        for j in range(1 if skip_first else 0, len(row)):
+            v = list(row)
+            v[j] = eos_id
+            variants.append(v)
+            owner.append(r)
+    ids, mask, pos = (t.to(device) for t in left_pad(variants, pad_id))
+    acts = _capture(model, modules, ids, mask, pos, batch_rows)  # [sum n, L, F]
+    owner_t = torch.tensor(owner, device=acts.device)
+    total = torch.zeros((len(rows), *acts.shape[1:]), device=acts.device).index_add_(0, owner_t, acts)
+    counts = torch.bincount(owner_t, minlength=len(rows)).clamp(min=1).float()
+    return total / counts[:, None, None]
+
+
+def attribute_rows(
+    model,
+    arch: ArchSpec,
+    rows: list[list[int]],
+    targets: list[int],
+    cfg: AttributionConfig,
+    *,
+    pad_id: int,
+    eos_id: int | None = None,
+    skip_first: bool = True,
+) -> torch.Tensor:
+    """Scores ``[N, L, d_ff]`` of P(targets[n] | rows[n]) for every neuron.
+
+    Leaves the model untouched: gradients are taken with ``autograd.grad``
+    with respect to patched activations only, never accumulated in ``.grad``.
+    """
+    modules = mlp_out_modules(model, arch)
+    n_layers = len(modules)
+    device = next(model.parameters()).device
+    ids, mask, pos = (t.to(device) for t in left_pad(rows, pad_id))
+    tgt = torch.tensor(targets, device=device)
+
+    if cfg.method == "grad_x_act":
+        return _grad_x_act(model, modules, ids, mask, pos, tgt, cfg.batch_rows)
+
+    runner = _CachedRunner(model, ids, mask, pos) if cfg.prefix_cache else _FullRunner(model, ids, mask, pos)
+    a = runner.capture(modules, cfg.batch_rows)  # [N, L, F]
+    if cfg.baseline == "eos":
+        if eos_id is None:
+            raise ValueError("baseline 'eos' needs the tokenizer's eos_token_id")
+        b = _eos_baseline(model, modules, rows, eos_id, pad_id, skip_first, cfg.batch_rows, device)
+    else:
+        b = torch.zeros_like(a)
+
+    # One row per (input, [layer,] step). alpha = k/steps, k = 1..steps.
+    n = len(rows)
+    alphas = torch.arange(1, cfg.steps + 1, device=device, dtype=torch.float32) / cfg.steps  # [S]
+    if cfg.ig_path == "all_layers":
+        row_in = torch.arange(n, device=device).repeat_interleave(cfg.steps)  # [N*S]
+        row_alpha = alphas.repeat(n)
+        row_layers = torch.ones((n * cfg.steps, n_layers), dtype=torch.bool, device=device)
+    else:
+        row_in = torch.arange(n, device=device).repeat_interleave(n_layers * cfg.steps)  # [N*L*S]
+        layer_of = torch.arange(n_layers, device=device).repeat_interleave(cfg.steps).repeat(n)
+        row_alpha = alphas.repeat(n * n_layers)
+        row_layers = torch.nn.functional.one_hot(layer_of, n_layers).bool()
+
+    grad_sum = torch.zeros_like(a)  # [N, L, F]
+    for s in range(0, row_in.shape[0], cfg.batch_rows):
+        ri, al, lm = row_in[s:s + cfg.batch_rows], row_alpha[s:s + cfg.batch_rows], row_layers[s:s + cfg.batch_rows]
+        used = [l for l in range(n_layers) if bool(lm[:, l].any())]
+        leaves = {
+            l: (b[ri, l] + al[:, None] * (a[ri, l] - b[ri, l])).requires_grad_(True)  # [R, F]
+            for l in used
+        }
+
+        def patch(layer, x_last, leaves=leaves, lm=lm):
+            if layer not in leaves:
+                return None
+            return torch.where(lm[:, layer, None], leaves[layer].to(x_last.dtype), x_last)
+
+        with torch.enable_grad(), last_position_patch(modules, patch):
+            logits = runner.forward_last(ri)  # [R, V]
+            prob = torch.softmax(logits.float(), dim=-1).gather(-1, tgt[ri, None]).squeeze(-1)  # [R]
+            grads = torch.autograd.grad(prob.sum(), [leaves[l] for l in used])
+        for l, g in zip(used, grads):
+            grad_sum[:, l].index_add_(0, ri, g.float() * lm[:, l, None])
+    return (a - b) * grad_sum / cfg.steps
+
+
+class _FullRunner:
+    """Runs selected rows in full."""
+
+    def __init__(self, model, ids, mask, pos):
+        self.model, self.ids, self.mask, self.pos = model, ids, mask, pos
+
+    def forward_last(self, rows: torch.Tensor) -> torch.Tensor:
+        return _forward_last(self.model, self.ids[rows], self.mask[rows], self.pos[rows])  # [R, V]
+
+    def capture(self, modules, batch_rows: int) -> torch.Tensor:
+        return _capture(self.model, modules, self.ids, self.mask, self.pos, batch_rows)
+
+
+class _CachedRunner(_FullRunner):
+    """Runs the shared prefixes once; rows then run their last token on a copy of the cache."""
+
+    def __init__(self, model, ids, mask, pos):
+        super().__init__(model, ids, mask, pos)
+        with torch.no_grad():
+            out = model(
+                input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
+                use_cache=True, logits_to_keep=1,
+            )
+        self.cache = out.past_key_values  # keys/values of the first T-1 tokens, [N, ...]
+
+    def forward_last(self, rows: torch.Tensor) -> torch.Tensor:
+        cache = copy.deepcopy(self.cache)
+        cache.reorder_cache(rows)  # [R, ...]: one copy of its prompt's prefix per row
+        out = self.model(
+            input_ids=self.ids[rows, -1:], attention_mask=self.mask[rows], position_ids=self.pos[rows, -1:],
+            past_key_values=cache, use_cache=True, logits_to_keep=1,
+        )
+        return out.logits[:, -1, :]
+
+    def capture(self, modules, batch_rows: int) -> torch.Tensor:
+        parts = []
+        for s in range(0, self.ids.shape[0], batch_rows):
+            got: dict[int, torch.Tensor] = {}
+
+            def keep(layer, x):
+                got[layer] = x.detach().float()
+                return None
+
+            rows = torch.arange(s, min(s + batch_rows, self.ids.shape[0]), device=self.ids.device)
+            with torch.no_grad(), last_position_patch(modules, keep):
+                self.forward_last(rows)
+            parts.append(torch.stack([got[l] for l in range(len(modules))], dim=1))
+        return torch.cat(parts)
+
+
+def _grad_x_act(model, modules, ids, mask, pos, tgt, batch_rows: int) -> torch.Tensor:
+    parts = []
+    for s in range(0, ids.shape[0], batch_rows):
+        sl = slice(s, s + batch_rows)
+        leaves: dict[int, torch.Tensor] = {}
+
+        def as_leaf(layer, x_last):
+            leaves[layer] = x_last.detach().float().requires_grad_(True)
+            return leaves[layer]
+
+        with torch.enable_grad(), last_position_patch(modules, as_leaf):
+            logits = _forward_last(model, ids[sl], mask[sl], pos[sl])
+            prob = torch.softmax(logits.float(), dim=-1).gather(-1, tgt[sl, None]).squeeze(-1)
+            order = list(range(len(modules)))
+            grads = torch.autograd.grad(prob.sum(), [leaves[l] for l in order])
+        parts.append(torch.stack([leaves[l].detach() * g for l, g in zip(order, grads)], dim=1))
+    return torch.cat(parts)

@@ -1,0 +1,224 @@
+"""The editing LightningModule: masked-LoRA knowledge edits of a causal LM.
+
+One training batch is one edit (the ``single`` protocol: each edit is applied
+to the original model, evaluated by the callbacks, then undone exactly).
+``training_step`` attaches masked adapters on the located neurons, optimises
+them on the edit prompt (its own small loop, up to ``loss.max_steps``), and
+merges the update; ``on_train_batch_end`` restores the original weights after
+the callbacks have evaluated the edited model.
+
+Callbacks reach the model through a small protocol that any LightningModule
+can offer: attributes ``causal_lm`` (a Hugging Face causal LM), ``tokenizer``
+and ``arch`` (an :class:`~mke_lightning.architectures.ArchSpec`), and a dict
+``neuron_masks`` (record id -> :class:`~mke_lightning.neurons.NeuronMask`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+
+from mke_lightning.masked_lora import LoRAConfig, Restore, attach
+from mke_lightning.model_loading import ModelConfig, load_causal_lm
+from mke_lightning.neurons import NeuronMask
+from mke_lightning.records import EditRecord, join_prompt
+from mke_lightning.scoring import encode_continuation, encode_prompt, kept_logits, pack, target_logprobs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EditLossConfig:
+    """The edit objective and its stopping rule (defaults: the MEMLA authors')."""
+
+    new_weight: float = 2.5
+    """Weight of NLL(target_new | prompt), mean over target tokens."""
+    true_weight: float = 2.0
+    """Weight of P(target_true | prompt) (sequence probability); skipped where a record has no old target."""
+    kl_weight: float = 0.0
+    """Weight of KL(pre-edit || edited) of the next-token distribution on unrelated anchor prompts."""
+    anchors: str | None = None
+    """JSON file ``{lang: [prompt, ...]}`` of anchor prompts for the KL term (default: the packaged set)."""
+    max_steps: int = 60
+    """Optimisation steps per edit at most."""
+    stop_loss: float = 0.01
+    """Stop when the loss falls below this."""
+    stop_prob: float = 0.96
+    """Stop when P(target_new | prompt) exceeds this."""
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise ValueError("loss.max_steps must be >= 1")
+
+
+@dataclass
+class EditOutcome:
+    record_id: str
+    steps: int
+    loss: float
+    p_new: float
+    neurons: int
+    seconds: float
+
+
+class KnowledgeEditor(L.LightningModule):
+    """Edits facts of a causal LM with LoRA updates masked to located neurons."""
+
+    def __init__(
+        self,
+        lm: ModelConfig | None = None,
+        edit_language: str = "en",
+        lora: LoRAConfig | None = None,
+        loss: EditLossConfig | None = None,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+    ) -> None:
+        """
+        Args:
+            lm: which causal LM to load and how.
+            edit_language: language of the edit prompt the update is trained on.
+            lora: masked-LoRA adapters and merge settings.
+            loss: edit objective and stopping rule.
+            optimizer: optimiser factory for the adapters of each edit (default Adam, lr 1e-3).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.lm_config = lm or ModelConfig()
+        self.edit_language = edit_language
+        self.lora_config = lora or LoRAConfig()
+        self.loss_config = loss or EditLossConfig()
+        self.optimizer_factory = optimizer
+        self.automatic_optimization = False
+        self.causal_lm = None
+        self.tokenizer = None
+        self.arch = None
+        self.neuron_masks: dict[str, NeuronMask] = {}
+        self.outcomes: list[EditOutcome] = []
+        self._restore: Restore | None = None
+        self._anchor_logp: torch.Tensor | None = None  # [A, V] pre-edit log-probs at the anchors' last position
+        self._anchor_ids: list[list[int]] = []
+
+    # -- model ------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.causal_lm is not None:
+            return
+        self.causal_lm, self.tokenizer, self.arch = load_causal_lm(self.lm_config)
+
+    def configure_optimizers(self):
+        return None  # each edit builds its own optimiser over its own adapters
+
+    def state_dict(self, *args, **kwargs):
+        # The base model is not trained; checkpoints of the single protocol hold nothing of it.
+        return {}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return torch.nn.modules.module._IncompatibleKeys([], [])
+
+    # -- anchors for the KL locality term -------------------------------------
+    def _anchors(self) -> list[str]:
+        if self.loss_config.anchors:
+            data = json.loads(Path(self.loss_config.anchors).read_text(encoding="utf-8"))
+        else:
+            data = json.loads(resources.files("mke_lightning.data").joinpath("anchor_prompts.json").read_text(encoding="utf-8"))
+        return [p for prompts in data.values() for p in prompts]
+
+    @torch.no_grad()
+    def _prepare_anchors(self) -> None:
+        if self.loss_config.kl_weight <= 0 or self._anchor_logp is not None:
+            return
+        self._anchor_ids = [encode_prompt(self.tokenizer, p) for p in self._anchors()]
+        batch = pack(self._anchor_ids, [[0]] * len(self._anchor_ids), self.tokenizer.pad_token_id).to(self.device)
+        self._anchor_logp = torch.log_softmax(kept_logits(self.causal_lm, batch)[:, -1].float(), -1)
+
+    # -- one edit ---------------------------------------------------------
+    def edit(self, record: EditRecord, mask: NeuronMask) -> EditOutcome:
+        """Train and merge one edit; the undo is kept for :meth:`restore`."""
+        start = time.perf_counter()
+        self.causal_lm.eval()
+        self._prepare_anchors()
+        cfg = self.loss_config
+        facts = record.facts(self.edit_language)
+        prompt, new = join_prompt(facts.prompt, facts.target_new, self.edit_language)
+        p_ids = encode_prompt(self.tokenizer, prompt)
+        targets = [encode_continuation(self.tokenizer, new)]
+        if facts.target_true and cfg.true_weight:
+            targets.append(encode_continuation(self.tokenizer, join_prompt(facts.prompt, facts.target_true, self.edit_language)[1]))
+        prompts = [p_ids] * len(targets) + self._anchor_ids
+        # Anchor rows predict one (unused) token at their last position.
+        batch = pack(prompts, targets + [[0]] * len(self._anchor_ids), self.tokenizer.pad_token_id).to(self.device)
+        n_new = len(targets[0])
+
+        handle = attach(self.causal_lm, self.arch, mask, self.lora_config)
+        if handle is None:
+            log.warning("record %s: no neuron located; the edit changes nothing", record.id)
+            return EditOutcome(record.id, 0, float("nan"), float("nan"), 0, time.perf_counter() - start)
+        opt = self.optimizer_factory(handle.parameters())
+        steps, loss_v, p_new = 0, float("nan"), 0.0
+        for steps in range(1, cfg.max_steps + 1):
+            logits = kept_logits(self.causal_lm, batch)  # [B, K, V]
+            lp = target_logprobs(logits, batch)  # [B, K]
+            loss = cfg.new_weight * (-lp[0].sum() / n_new)
+            if len(targets) > 1:
+                loss = loss + cfg.true_weight * lp[1].sum().exp()
+            if self._anchor_ids:
+                post = torch.log_softmax(logits[len(targets):, -1].float(), -1)  # [A, V]
+                kl = (self._anchor_logp.exp() * (self._anchor_logp - post)).sum(-1).mean()
+                loss = loss + cfg.kl_weight * kl
+            loss_v, p_new = float(loss.detach()), float(lp[0].detach().sum().exp())
+            if loss_v < cfg.stop_loss or p_new > cfg.stop_prob:
+                break
+            opt.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            opt.step()
+            handle.clamp_norms()
+        self._restore = handle.merge()
+        return EditOutcome(record.id, steps, loss_v, p_new, mask.count(), time.perf_counter() - start)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Undo the last merged edit exactly."""
+        if self._restore is not None:
+            self._restore()
+            self._restore = None
+
+    # -- Lightning hooks ----------------------------------------------------
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        return batch  # records are text; they are tokenised onto the device per edit
+
+    def training_step(self, batch: list[EditRecord], batch_idx: int):
+        if len(batch) != 1:
+            raise ValueError(f"the single-edit protocol takes one edit per batch, got {len(batch)}; set data.batch_size: 1")
+        record = batch[0]
+        mask = self.neuron_masks.get(record.id)
+        if mask is None:
+            raise RuntimeError(
+                f"no neuron mask for record {record.id!r}: add the mke_lightning.callbacks.NeuronLocalization callback"
+            )
+        outcome = self.edit(record, mask)
+        self.outcomes.append(outcome)
+        self.log_dict(
+            {"edit/steps": float(outcome.steps), "edit/p_new": outcome.p_new, "edit/neurons": float(outcome.neurons), "edit/seconds": outcome.seconds},
+            batch_size=1, on_step=True, prog_bar=False,
+        )
+        return None
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # Lightning runs callbacks' on_train_batch_end before this one: they
+        # have evaluated the edited model by now.
+        self.restore()
+
+    def on_train_end(self) -> None:
+        self.restore()
+
+    def validation_step(self, batch: list[EditRecord], batch_idx: int):
+        return None  # pre-edit evaluation is done by the evaluation callback
+
+    def test_step(self, batch: list[EditRecord], batch_idx: int):
+        return None

@@ -1,0 +1,132 @@
+"""Batched teacher forcing and greedy generation over left-padded prompts.
+
+Every row is ``prompt + target[:-1]``, padded on the left, so that the
+prediction of each row's last target token sits at the final position. Only
+the last ``K = max(len(target))`` positions are sent through the LM head
+(``logits_to_keep``): with a 262k-token vocabulary the head dominates memory
+and time if every position is projected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    position_ids: torch.Tensor  # [B, T]
+    targets: torch.Tensor  # [B, K] target token ids, left-padded with pad_id
+    target_mask: torch.Tensor  # [B, K] True where a target token sits
+
+    @property
+    def keep(self) -> int:
+        return self.targets.shape[1]
+
+    def to(self, device: torch.device | str) -> "PackedBatch":
+        return PackedBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids, self.targets, self.target_mask)))
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Prompt ids with the tokenizer's special prefix (e.g. BOS)."""
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def encode_continuation(tokenizer, text: str) -> list[int]:
+    """Continuation ids without special tokens (``text`` carries its separator)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"target {text!r} tokenises to nothing")
+    return ids
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask, position_ids)``, each ``[B, T]``, left-padded."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, pos
+
+
+def pack(prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], pad_id: int) -> PackedBatch:
+    """Rows ``prompt + target[:-1]``; ``targets`` aligned to the last positions."""
+    rows = [list(p) + list(t[:-1]) for p, t in zip(prompts, targets)]
+    ids, mask, pos = left_pad(rows, pad_id)
+    keep = max(len(t) for t in targets)
+    tgt = torch.full((len(rows), keep), pad_id, dtype=torch.long)
+    tmask = torch.zeros((len(rows), keep), dtype=torch.bool)
+    for i, t in enumerate(targets):
+        tgt[i, keep - len(t):] = torch.tensor(list(t), dtype=torch.long)
+        tmask[i, keep - len(t):] = True
+    return PackedBatch(ids, mask, pos, tgt, tmask)
+
+
+def kept_logits(model, batch: PackedBatch) -> torch.Tensor:
+    """Logits of the last ``batch.keep`` positions: ``[B, K, V]``."""
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=batch.keep,
+        use_cache=False,
+    )
+    return out.logits[:, -batch.keep:, :]
+
+
+def target_logprobs(logits: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """Log-probability of each target token, 0 where there is none: ``[B, K]``."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [B, K, V]
+    picked = logp.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)  # [B, K]
+    return picked * batch.target_mask
+
+
+def token_accuracy(logits: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """Teacher-forced argmax accuracy over each row's target tokens: ``[B]``."""
+    hits = (logits.argmax(-1) == batch.targets) & batch.target_mask  # [B, K]
+    return hits.sum(-1).float() / batch.target_mask.sum(-1).clamp(min=1)
+
+
+@torch.no_grad()
+def greedy_generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_at_eos: bool = True) -> list[list[int]]:
+    """Greedy continuations of all prompts in one batched ``generate`` call.
+
+    With ``stop_at_eos`` each continuation is cut at its first end token.
+    """
+    pad_id = tokenizer.pad_token_id
+    ids, mask, _ = left_pad(prompts, pad_id)
+    device = next(model.parameters()).device
+    out = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad_id,
+        top_p=None,
+        top_k=None,
+        temperature=None,
+        min_new_tokens=0 if stop_at_eos else max_new_tokens,
+    )
+    new = out[:, ids.shape[1]:].tolist()
+    if not stop_at_eos:
+        return new
+    eos = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
+    cleaned = []
+    for row in new:
+        cut = next((i for i, t in enumerate(row) if t in eos or t == pad_id), len(row))
+        cleaned.append(row[:cut])
+    return cleaned
+
+
+def _as_list(x) -> list:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [x]
