@@ -47,6 +47,8 @@ class EditLossConfig:
     """Weight of KL(pre-edit || edited) of the next-token distribution on unrelated anchor prompts."""
     anchors: str | None = None
     """JSON file ``{lang: [prompt, ...]}`` of anchor prompts for the KL term (default: the packaged set)."""
+    anchor_languages: list[str] | None = None
+    """Languages of the anchors used (default: the edit language only; each anchor adds a row to every step)."""
     max_steps: int = 60
     """Optimisation steps per edit at most."""
     stop_loss: float = 0.01
@@ -127,7 +129,8 @@ class KnowledgeEditor(L.LightningModule):
             data = json.loads(Path(self.loss_config.anchors).read_text(encoding="utf-8"))
         else:
             data = json.loads(resources.files("mke_lightning.data").joinpath("anchor_prompts.json").read_text(encoding="utf-8"))
-        return [p for prompts in data.values() for p in prompts]
+        langs = self.loss_config.anchor_languages or [self.edit_language]
+        return [p for lang in langs for p in data.get(lang, [])]
 
     @torch.no_grad()
     def _prepare_anchors(self) -> None:
