@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import time
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 
 from mke_lightning.callbacks._protocol import check_module, run_languages, run_records
 from mke_lightning.localization import LocalizationConfig, locate
-
-log = logging.getLogger(__name__)
 
 
 class NeuronLocalization(L.Callback):
@@ -36,9 +34,9 @@ class NeuronLocalization(L.Callback):
         edit_lang, _ = run_languages(trainer, pl_module)
         records = run_records(trainer)
         a = self.settings.attribution
-        log.info(
-            "localising %d edits: %s (ig_path=%s, steps=%d, baseline=%s), threshold %.2f x max",
-            len(records), a.method, a.ig_path, a.steps, a.baseline, self.settings.threshold,
+        rank_zero_info(
+            f"localising {len(records)} edits: {a.method} (ig_path={a.ig_path}, steps={a.steps}, "
+            f"baseline={a.baseline}), threshold {self.settings.threshold} x max"
         )
         for record in records:
             if record.id in pl_module.neuron_masks:
@@ -47,4 +45,7 @@ class NeuronLocalization(L.Callback):
             mask = locate(pl_module.causal_lm, pl_module.tokenizer, pl_module.arch, record, edit_lang, self.settings)
             self.seconds[record.id] = time.perf_counter() - start
             pl_module.neuron_masks[record.id] = mask
-            log.info("record %s: %d independent, %d specific neurons (%.1fs)", record.id, mask.count("independent"), mask.count("specific"), self.seconds[record.id])
+            rank_zero_info(
+                f"  {record.id}: {mask.count('independent')} language-independent, "
+                f"{mask.count('specific')} language-specific neurons ({self.seconds[record.id]:.1f}s)"
+            )

@@ -18,5 +18,10 @@ def cli_main(args: list[str] | None = None) -> MKECLI:
     return MKECLI(KnowledgeEditor, EditDataModule, args=args, save_config_kwargs={"overwrite": True})
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """Console entry point (``mke``): returns nothing, so the exit status is 0 on success."""
     cli_main()
+
+
+if __name__ == "__main__":
+    main()
