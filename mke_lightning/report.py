@@ -39,6 +39,7 @@ class ResultAggregator:
                 value = torch.tensor(float(row[proto]))
                 self._metric("language", row["eval_lang"], row["measure"], proto).update(value)
                 self._metric("group", row["group"], row["measure"], proto).update(value)
+                self._metric("average", "all_languages", row["measure"], proto).update(value)
                 if row["eval_lang"] != row["edit_lang"]:
                     self._metric("average", "non_edit_languages", row["measure"], proto).update(value)
 
@@ -68,8 +69,9 @@ def format_table(summary: dict, languages: list[str]) -> str:
     for lang in languages:
         if lang in summary.get("language", {}):
             lines.append(row(lang, summary["language"][lang]))
-    for key, block in summary.get("average", {}).items():
-        lines.append(row("avg(non-edit)", block))
+    for key, name in (("non_edit_languages", "avg(non-edit)"), ("all_languages", "avg(all)")):
+        if key in summary.get("average", {}):
+            lines.append(row(name, summary["average"][key]))
     for key in ("identical", "translated"):
         if key in summary.get("group", {}):
             lines.append(row(f"[{key}]", summary["group"][key]))

@@ -75,10 +75,11 @@ def test_aggregator_means_tables_and_files(tmp_path):
     assert s["language"]["en"]["reliability"] == {"token_acc": 0.75, "gen_em": 0.5}
     assert s["language"]["fr"]["reliability"]["token_acc"] == 0.625
     assert s["average"]["non_edit_languages"]["reliability"]["token_acc"] == 0.625
+    assert s["average"]["all_languages"]["reliability"]["token_acc"] == 0.6875
     assert s["group"]["translated"]["reliability"]["token_acc"] == 0.25
     assert s["counts"]["fr"]["reliability"] == 2
     table = format_table(s, ["en", "fr"])
-    assert "0.750" in table and "[translated]" in table
+    assert "0.750" in table and "[translated]" in table and "avg(all)" in table
     results, per_edit = write_reports(tmp_path, s, rows, {"model": "x"})
     assert json.loads(results.read_text())["results"]["language"]["en"]["reliability"]["gen_em"] == 0.5
     assert len(per_edit.read_text().strip().splitlines()) == 1 + len(rows)
