@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 CATEGORIES = ("independent", "specific")
 """MEMLA's two neuron categories: language-independent (shared by the cross
 languages) and language-specific (the edit language's own)."""
@@ -36,14 +34,6 @@ class NeuronMask:
     def count(self, category: str | None = None) -> int:
         cats = [category] if category else list(self.layers)
         return sum(len(idx) for c in cats for idx in self.layers.get(c, {}).values())
-
-    def column_mask(self, category: str, layer: int, width: int, device=None) -> torch.Tensor:
-        """``[width]`` float mask: 1 at this category's neurons in ``layer``."""
-        m = torch.zeros(width, device=device)
-        idx = self.category(category).get(layer, [])
-        if idx:
-            m[torch.tensor(idx, device=device)] = 1.0
-        return m
 
     def to_dict(self) -> dict:
         return {"record_id": self.record_id, "layers": {c: {str(l): v for l, v in d.items()} for c, d in self.layers.items()}}
