@@ -39,7 +39,6 @@ def main() -> None:
 
     editor = KnowledgeEditor()
     editor.causal_lm, editor.tokenizer, editor.arch = model, tok, arch
-    editor.manual_backward = lambda loss: loss.backward()
     evaluator = EditEvaluator(tok)
     loc_cfg = LocalizationConfig()
     loc_full = LocalizationConfig(attribution=AttributionConfig(prefix_cache=False))

@@ -178,11 +178,18 @@ class KnowledgeEditor(L.LightningModule):
             if loss_v < cfg.stop_loss or p_new > cfg.stop_prob:
                 break
             opt.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
+            self._backward(loss)
             opt.step()
             handle.clamp_norms()
         self._restore = handle.merge()
         return EditOutcome(record.id, steps, loss_v, p_new, mask.count(), time.perf_counter() - start)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        # Through the strategy under a Trainer; plainly when used as a library.
+        if self._trainer is not None:
+            self.manual_backward(loss)
+        else:
+            loss.backward()
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -50,12 +50,23 @@ class LocalizationConfig:
             raise ValueError("localization.cross_languages is empty")
 
 
-def _old_answer_ids(model, tokenizer, record: EditRecord, lang: str, prompt_ids: list[int]) -> list[int]:
-    facts = record.facts(lang)
-    if facts.target_true:
-        return encode_continuation(tokenizer, join_prompt(facts.prompt, facts.target_true, lang)[1])
-    n = len(encode_continuation(tokenizer, join_prompt(facts.prompt, facts.target_new, lang)[1]))
-    return greedy_generate(model, tokenizer, [prompt_ids], n, stop_at_eos=False)[0]
+def _old_answers(model, tokenizer, entries: list[tuple[list[int], str, str, str | None]]) -> list[list[int]]:
+    """Answer ids per (prompt ids, lang, target_new, target_true): the old target,
+    or where there is none the model's own greedy answer (one batched call)."""
+    answers: list[list[int] | None] = []
+    missing: list[tuple[int, int]] = []  # (entry index, tokens wanted)
+    for i, (p_ids, lang, new, old) in enumerate(entries):
+        if old:
+            answers.append(encode_continuation(tokenizer, join_prompt("x", old, lang)[1]))
+        else:
+            answers.append(None)
+            missing.append((i, len(encode_continuation(tokenizer, join_prompt("x", new, lang)[1]))))
+    if missing:
+        width = max(n for _, n in missing)
+        gens = greedy_generate(model, tokenizer, [entries[i][0] for i, _ in missing], width, stop_at_eos=False)
+        for (i, n), gen in zip(missing, gens):
+            answers[i] = gen[:n]
+    return answers
 
 
 def prompt_scores(model, tokenizer, arch: ArchSpec, prompts: list[tuple[list[int], list[int]]], cfg: AttributionConfig) -> torch.Tensor:
@@ -93,14 +104,14 @@ def locate(model, tokenizer, arch: ArchSpec, record: EditRecord, edit_language: 
             record_id=record.id, field="languages",
         )
     langs = list(dict.fromkeys([*cfg.cross_languages, edit_language]))
-    prompts, lang_of = [], []
+    entries, lang_of = [], []
     for lang in langs:
         facts = record.facts(lang)
         texts = [facts.prompt, *(facts.paraphrases if cfg.use_paraphrases else ())]
         for text in texts:
-            p_ids = encode_prompt(tokenizer, join_prompt(text, "x", lang)[0])
-            prompts.append((p_ids, _old_answer_ids(model, tokenizer, record, lang, p_ids)))
+            entries.append((encode_prompt(tokenizer, join_prompt(text, "x", lang)[0]), lang, facts.target_new, facts.target_true))
             lang_of.append(lang)
+    prompts = list(zip([e[0] for e in entries], _old_answers(model, tokenizer, entries)))
     scores = prompt_scores(model, tokenizer, arch, prompts, cfg.attribution)  # [P, L, F]
     kept = select(scores, cfg.threshold)
 

@@ -17,7 +17,6 @@ from mke_lightning.neurons import NeuronMask
 def _editor(folder, **loss) -> KnowledgeEditor:
     ed = KnowledgeEditor(lm=ModelConfig(name_or_path=str(folder)), loss=EditLossConfig(**loss), lora=LoRAConfig(merge_scale=1.0))
     ed.configure_model()
-    ed.manual_backward = lambda loss: loss.backward()  # outside a Trainer
     return ed
 
 

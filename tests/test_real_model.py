@@ -32,7 +32,6 @@ def test_one_mzsre_edit_moves_reliability(real_model, mzsre_dir):
     record = read_mzsre(mzsre_dir, ["en", "zh", "fr"])[0]
     ed = KnowledgeEditor()
     ed.causal_lm, ed.tokenizer, ed.arch = model, tok, arch
-    ed.manual_backward = lambda loss: loss.backward()  # outside a Trainer
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
     mask = locate(model, tok, arch, record, "en", LocalizationConfig())
