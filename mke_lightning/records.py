@@ -8,6 +8,9 @@ edit: locality (unrelated prompts whose answer must not move), portability
 
 Language codes are ISO 639-1 (``en``, ``zh``, ``cs`` ...). Dataset quirks such
 as MzsRE's ``cz``/``du`` are mapped by the adapters, never here.
+
+Some benchmarks group edits: an MQuAKE case is several edits that only make
+its multi-hop questions true together. Such records share a ``case``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,16 @@ from typing import Any, Iterable, Mapping
 # Languages written without spaces between words: a target is appended to its
 # prompt with no separator in these, with one space everywhere else.
 NO_SPACE_LANGUAGES = frozenset({"zh", "ja", "th", "lo", "km", "my"})
+
+# The 183 two-letter codes of ISO 639-1 (the deprecated "bh" and "sh" left out).
+ISO_639_1 = frozenset(
+    """aa ab ae af ak am an ar as av ay az ba be bg bi bm bn bo br bs ca ce ch co cr cs cu cv cy
+    da de dv dz ee el en eo es et eu fa ff fi fj fo fr fy ga gd gl gn gu gv ha he hi ho hr ht hu
+    hy hz ia id ie ig ii ik io is it iu ja jv ka kg ki kj kk kl km kn ko kr ks ku kv kw ky la lb
+    lg li ln lo lt lu lv mg mh mi mk ml mn mr ms mt my na nb nd ne ng nl nn no nr nv ny oc oj om
+    or os pa pi pl ps pt qu rm rn ro ru rw sa sc sd se sg si sk sl sm sn so sq sr ss st su sv sw
+    ta te tg th ti tk tl tn to tr ts tt tw ty ug uk ur uz ve vi vo wa wo xh yi yo za zh zu""".split()
+)
 
 
 class RecordError(ValueError):
@@ -31,11 +44,13 @@ class RecordError(ValueError):
         index: int | None = None,
         record_id: str | None = None,
         field: str | None = None,
+        line: int | None = None,
     ) -> None:
         self.source = source
         self.index = index
         self.record_id = record_id
         self.field = field
+        self.line = line
         self.reason = message
         where = []
         if source is not None:
@@ -47,7 +62,22 @@ class RecordError(ValueError):
         if field is not None:
             where.append(f"field {field!r}")
         prefix = ", ".join(where)
+        if line is not None:
+            message = f"{message} (line {line})"
         super().__init__(f"{prefix}: {message}" if prefix else message)
+
+    def __reduce__(self):  # keyword arguments survive pickling (DataLoader workers, DDP spawn)
+        return _rebuild_error, (self.reason, self.source, self.index, self.record_id, self.field, self.line)
+
+    def replace(self, **changes: Any) -> "RecordError":
+        """The same error with some of its parts changed (e.g. ``line=3``)."""
+        parts = dict(source=self.source, index=self.index, record_id=self.record_id, field=self.field, line=self.line)
+        parts.update(changes)
+        return RecordError(self.reason, **parts)
+
+
+def _rebuild_error(reason, source, index, record_id, field, line) -> RecordError:
+    return RecordError(reason, source=source, index=index, record_id=record_id, field=field, line=line)
 
 
 @dataclass(frozen=True)
@@ -66,9 +96,13 @@ class Probe:
 
 @dataclass(frozen=True)
 class LanguageFacts:
-    """One fact to edit, stated in one language."""
+    """One fact to edit, stated in one language.
 
-    subject: str
+    ``subject`` is ``None`` only where a benchmark does not name it (MLaKE).
+    ``target_new_aliases`` are other accepted spellings of the new target.
+    """
+
+    subject: str | None
     prompt: str
     target_new: str
     target_true: str | None = None
@@ -76,14 +110,20 @@ class LanguageFacts:
     locality: tuple[Probe, ...] = ()
     portability: tuple[Probe, ...] = ()
     multi_hop: tuple[Probe, ...] = ()
+    target_new_aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class EditRecord:
-    """One edit: a record id and the fact in each of its languages."""
+    """One edit: a record id and the fact in each of its languages.
+
+    ``case`` names the group of edits this one belongs to (MQuAKE: the edits
+    of one case); ``None`` for a stand-alone edit.
+    """
 
     id: str
     languages: Mapping[str, LanguageFacts] = field(default_factory=dict)
+    case: str | None = None
 
     def facts(self, lang: str) -> LanguageFacts:
         try:
@@ -98,17 +138,22 @@ class EditRecord:
     def to_dict(self) -> dict[str, Any]:
         """The native JSONL form of this record (inverse of :func:`record_from_dict`)."""
         out: dict[str, Any] = {"id": self.id, "languages": {}}
+        if self.case is not None:
+            out["case"] = self.case
         for lang, facts in self.languages.items():
             block = asdict(facts)
-            for key in ("paraphrases",):
+            for key in ("paraphrases", "target_new_aliases"):
                 block[key] = list(block[key])
             for key in ("locality", "portability", "multi_hop"):
                 block[key] = [
                     {"prompt": p["prompt"], "answer": p["answer"], "aliases": list(p["aliases"])}
                     for p in block[key]
                 ]
-            if block["target_true"] is None:
-                del block["target_true"]
+            for key in ("subject", "target_true"):
+                if block[key] is None:
+                    del block[key]
+            if not block["target_new_aliases"]:
+                del block["target_new_aliases"]
             out["languages"][lang] = block
         return out
 
@@ -202,7 +247,7 @@ def language_facts_from_dict(
     if not isinstance(obj, Mapping):
         raise ctx.error(path, f"must be an object, got {type(obj).__name__}")
     return LanguageFacts(
-        subject=_text(ctx, obj, "subject", path),
+        subject=_text(ctx, obj, "subject", path, required=False),
         prompt=_text(ctx, obj, "prompt", path),
         target_new=_text(ctx, obj, "target_new", path),
         target_true=_text(ctx, obj, "target_true", path, required=False),
@@ -210,12 +255,18 @@ def language_facts_from_dict(
         locality=_probes(ctx, obj, "locality", path),
         portability=_probes(ctx, obj, "portability", path),
         multi_hop=_probes(ctx, obj, "multi_hop", path),
+        target_new_aliases=_texts(ctx, obj, "target_new_aliases", path),
     )
 
 
+def is_language_code(code: Any) -> bool:
+    """True for an ISO 639-1 code (``"en"``, ``"cs"``; not ``"EN"``, ``"cz"``, ``"eng"``)."""
+    return isinstance(code, str) and code in ISO_639_1
+
+
 def check_language_code(code: Any, ctx_field: str, ctx: _Ctx) -> str:
-    if not isinstance(code, str) or len(code) != 2 or not code.isalpha() or not code.islower():
-        raise ctx.error(ctx_field, f"language code {code!r} is not an ISO 639-1 code (two lower-case letters)")
+    if not is_language_code(code):
+        raise ctx.error(ctx_field, f"language code {code!r} is not an ISO 639-1 code (two lower-case letters, e.g. 'en', 'cs')")
     return code
 
 
@@ -229,7 +280,11 @@ def record_from_dict(obj: Any, *, source: str | None = None, index: int | None =
         rid = str(rid)
     if not isinstance(rid, str) or not rid.strip():
         raise ctx.error("id", "is missing or empty")
+    rid = rid.strip()
     ctx.record_id = rid
+    case = obj.get("case")
+    if case is not None and (not isinstance(case, str) or not case.strip()):
+        raise ctx.error("case", "must be a non-empty string when given")
     langs = obj.get("languages")
     if not isinstance(langs, Mapping) or not langs:
         raise ctx.error("languages", "must be a non-empty object mapping language codes to facts")
@@ -237,7 +292,7 @@ def record_from_dict(obj: Any, *, source: str | None = None, index: int | None =
     for code, block in langs.items():
         check_language_code(code, f"languages.{code}", ctx)
         blocks[code] = language_facts_from_dict(block, lang=code, source=source, index=index, record_id=rid)
-    return EditRecord(id=rid, languages=blocks)
+    return EditRecord(id=rid, languages=blocks, case=None if case is None else case.strip())
 
 
 def check_unique_ids(records: Iterable[EditRecord], source: str | None = None) -> list[EditRecord]:

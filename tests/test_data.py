@@ -343,7 +343,7 @@ def six_records(tmp_path: Path) -> Path:
 
 
 def test_datamodule_validates_arguments(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"\['demo', 'jsonl', 'mzsre'\]"):
+    with pytest.raises(ValueError, match=r"\['demo', 'auto', 'jsonl', 'mzsre', 'bizsre', 'mkeb', 'mlake', 'mquake', 'zsre'\]"):
         EditDataModule(format="csv")
     with pytest.raises(ValueError, match="needs a path"):
         EditDataModule(format="jsonl")

@@ -1,21 +1,28 @@
 """A LightningDataModule that serves edit records (no tensors) to an editing run.
 
 Tokenisation belongs to the model side: every dataloader yields plain lists of
-:class:`EditRecord`, ``batch_size`` of them at a time, always in file order.
+:class:`EditRecord`, ``batch_size`` of them at a time. Records are read from
+disk as they are served; under DDP each rank gets its own share (its shard),
+taken from the trainer's ``global_rank`` and ``world_size``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Iterator
 
 import lightning as L
-from torch.utils.data import DataLoader
+import numpy as np
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mke_lightning.data.jsonl import demo_records, read_jsonl
-from mke_lightning.data.mzsre import read_mzsre
-from mke_lightning.records import EditRecord, RecordError
+from mke_lightning.data import formats
+from mke_lightning.data.jsonl import JsonlParser, demo_path
+from mke_lightning.data.selection import select, shard
+from mke_lightning.data.source import MAX_REASONS, ON_ERROR, RecordSource
+from mke_lightning.records import EditRecord, RecordError, is_language_code
 
-FORMATS = ("demo", "jsonl", "mzsre")
+FORMATS = ("demo", "auto", *formats.FORMATS)
 
 
 def collate_records(batch: list[EditRecord]) -> list[EditRecord]:
@@ -23,21 +30,76 @@ def collate_records(batch: list[EditRecord]) -> list[EditRecord]:
     return list(batch)
 
 
+class RecordList(Sequence[EditRecord]):
+    """Some records of a :class:`RecordSource`, read from disk on access."""
+
+    def __init__(self, source: RecordSource, positions: np.ndarray) -> None:
+        self.source = source
+        self.positions = positions  # [n] record numbers in the source, in serving order
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self.source[int(k)] for k in self.positions[i]]
+        return self.source[int(self.positions[i])]
+
+    def __iter__(self) -> Iterator[EditRecord]:
+        for k in self.positions.tolist():
+            yield self.source[k]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str) or len(other) != len(self):
+            return False
+        return all(a == b for a, b in zip(self, other))
+
+    def __repr__(self) -> str:
+        return f"RecordList({len(self)} records from {self.source.parser.name!r})"
+
+    @property
+    def ids(self) -> list[str]:
+        return [r.id for r in self]
+
+
+class _ShardDataset(IterableDataset):
+    """This rank's records in order; DataLoader workers split them in turn."""
+
+    def __init__(self, records: RecordList) -> None:
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[EditRecord]:
+        info = get_worker_info()
+        step, first = (1, 0) if info is None else (info.num_workers, info.id)
+        for i in range(first, len(self.records), step):
+            yield self.records[i]
+
+
 class EditDataModule(L.LightningDataModule):
-    """Edit records for one run: which file, which slice, which languages.
+    """Edit records for one run: which data, which records, which languages.
 
     Args:
-        path: the JSONL file (``format="jsonl"``) or the MzsRE folder
-            (``format="mzsre"``); ignored for ``format="demo"``.
-        format: ``"demo"`` (the packaged demo edits), ``"jsonl"`` (the native
-            format, docs/data.md) or ``"mzsre"`` (a folder of MzsRE pair files).
+        path: the data file, or the folder for MzsRE (pair files) and MLaKE;
+            ignored for ``format="demo"``.
+        format: ``"demo"`` (the packaged demo edits), ``"auto"`` (detected
+            from the data) or one of ``jsonl``, ``mzsre``, ``bizsre``, ``mkeb``,
+            ``mlake``, ``mquake``, ``zsre`` (docs/data.md).
         edit_language: ISO 639-1 code of the language the edit is made in.
         eval_languages: languages to evaluate in; the edit language is always
             included and comes first. ``None``: every language all selected
             records share.
         limit: how many records to use (``None``: all from ``offset`` on).
-        offset: index of the first record to use.
+        offset: index of the first record to use (after ``ids``).
         batch_size: records per batch.
+        ids: use only the records with these ids (kept in file order).
+        seed: ``None`` serves records in file order; an integer shuffles them
+            (the same order on every rank) before they are dealt to ranks.
+        on_error: ``"raise"`` stops at the first bad record; ``"skip"`` leaves
+            bad records out, counts them (:attr:`skipped`) and reports the
+            count when setting up and at the end of the run.
     """
 
     def __init__(
@@ -49,22 +111,33 @@ class EditDataModule(L.LightningDataModule):
         limit: int | None = None,
         offset: int = 0,
         batch_size: int = 1,
+        ids: list[str] | None = None,
+        seed: int | None = None,
+        on_error: str = "raise",
     ) -> None:
         super().__init__()
         if format not in FORMATS:
             raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
         if format != "demo" and not path:
-            raise ValueError(f"format {format!r} needs a path (the {'JSONL file' if format == 'jsonl' else 'MzsRE folder'})")
-        if not isinstance(edit_language, str) or not edit_language:
-            raise ValueError(f"edit_language must be a language code such as 'en', got {edit_language!r}")
-        if eval_languages is not None and not all(isinstance(lang, str) and lang for lang in eval_languages):
-            raise ValueError(f"eval_languages must be a list of language codes, got {eval_languages!r}")
+            raise ValueError(f"format {format!r} needs a path (the data file, or the MzsRE / MLaKE folder)")
+        _check_language(edit_language, "edit_language")
+        if eval_languages is not None:
+            if isinstance(eval_languages, str) or not isinstance(eval_languages, (list, tuple)):
+                raise ValueError(f"eval_languages must be a list of language codes, got {eval_languages!r}")
+            for lang in eval_languages:
+                _check_language(lang, "eval_languages")
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be a positive number of records or None, got {limit}")
         if offset < 0:
             raise ValueError(f"offset must be >= 0, got {offset}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if ids is not None and (isinstance(ids, str) or not all(isinstance(i, str) and i for i in ids) or not ids):
+            raise ValueError(f"ids must be a non-empty list of record ids, got {ids!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an integer or None, got {seed!r}")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {list(ON_ERROR)}, got {on_error!r}")
         self.save_hyperparameters()
         self.path = path
         self.format = format
@@ -72,88 +145,167 @@ class EditDataModule(L.LightningDataModule):
         self.limit = limit
         self.offset = offset
         self.batch_size = batch_size
+        self.ids = None if ids is None else list(ids)
+        self.seed = seed
+        self.on_error = on_error
         self._requested_eval = None if eval_languages is None else list(eval_languages)
-        self._records: list[EditRecord] | None = None
+        self._data: RecordSource | None = None
+        self._selected: np.ndarray | None = None  # [n] record numbers of the run, all ranks
         self._eval_languages: list[str] | None = None
+        self._shard_key: tuple[int, int] | None = None
+        self._records: RecordList | None = None
+        self.skipped = 0
+        self.skip_reasons: list[str] = []
 
     # ------------------------------------------------------------------ loading
 
-    def _source(self) -> str:
+    def _source_name(self) -> str:
         return "<demo>" if self.format == "demo" else str(self.path)
 
-    def _read(self) -> list[EditRecord]:
+    def _open(self) -> RecordSource:
         if self.format == "demo":
-            return demo_records()
-        if self.format == "jsonl":
-            return read_jsonl(self.path)
-        # MzsRE: read only the files the run needs when the languages are known.
+            return RecordSource(JsonlParser(demo_path()), on_error=self.on_error)
         languages = None
-        if self._requested_eval is not None:
+        if self._requested_eval is not None:  # read only the files these need
             languages = list(dict.fromkeys([self.edit_language, *self._requested_eval]))
-        return read_mzsre(self.path, languages)
+        return formats.open_source(self.path, self.format, languages, self.on_error)
 
     def _load(self) -> None:
-        if self._records is not None:
-            return
-        everything = self._read()
-        end = None if self.limit is None else self.offset + self.limit
-        selected = everything[self.offset : end]
-        if not selected:
-            raise RecordError(
-                f"no records selected: the data has {len(everything)}, offset={self.offset}, limit={self.limit}",
-                source=self._source(),
+        if self._data is None:
+            data = self._open()
+            selected = select(data, self.ids, self.offset, self.limit)
+            if not len(selected):
+                raise RecordError(
+                    f"no records selected: the data has {len(data)}, offset={self.offset}, limit={self.limit}"
+                    + ("" if self.ids is None else f", {len(self.ids)} ids"),
+                    source=self._source_name(),
+                )
+            self.skipped, self.skip_reasons = data.skipped, list(data.skip_reasons)
+            selected = self._check_languages(data, selected)
+            self._eval_languages = self._languages_of_run(data, selected)
+            self._data, self._selected = data, selected
+            self._report_at_setup()
+        rank, world_size = self._rank()
+        if self._records is None or self._shard_key != (rank, world_size):
+            self._records = self._shard(rank, world_size)
+            self._shard_key = (rank, world_size)
+
+    def _check_languages(self, data: RecordSource, selected: np.ndarray) -> np.ndarray:
+        """Drop (``skip``) or refuse selected records that lack a needed language."""
+        required = [self.edit_language, *(self._requested_eval or [])]
+        required = list(dict.fromkeys(required))
+        complete = np.array([all(lang in sig for lang in required) for sig in data.signatures], dtype=bool)
+        lacking = selected[~complete[data.signature_indices[selected]]]
+        for k in lacking.tolist()[: 1 if self.on_error == "raise" else MAX_REASONS]:
+            record = data[k]
+            missing = [lang for lang in required if lang not in record.languages]
+            err = RecordError(
+                f"language {missing[0]!r} is missing (record has {sorted(record.languages)}; "
+                f"edit_language={self.edit_language!r}, eval_languages={required})",
+                source=data.source_of(k), index=data.raw_index(k), record_id=record.id, field=f"languages.{missing[0]}",
             )
+            if self.on_error == "raise":
+                raise err
+            if len(self.skip_reasons) < MAX_REASONS:
+                self.skip_reasons.append(str(err))
+        if not len(lacking):
+            return selected
+        self.skipped += len(lacking)
+        kept = selected[complete[data.signature_indices[selected]]]
+        if not len(kept):
+            raise RecordError(
+                f"no records left: all {len(selected)} selected records lack one of {required} (on_error: skip)",
+                source=self._source_name(),
+            )
+        return kept
+
+    def _languages_of_run(self, data: RecordSource, selected: np.ndarray) -> list[str]:
         if self._requested_eval is None:
             # Languages every selected record has, in the first record's order.
-            shared = [lang for lang in selected[0].languages if all(lang in r.languages for r in selected)]
-            others = [lang for lang in shared if lang != self.edit_language]
+            used = [data.signatures[s] for s in np.unique(data.signature_indices[selected]).tolist()]
+            first = data.signatures[int(data.signature_indices[selected[0]])]
+            shared = [lang for lang in first if all(lang in sig for sig in used)]
         else:
-            others = [lang for lang in dict.fromkeys(self._requested_eval) if lang != self.edit_language]
-        eval_languages = [self.edit_language, *others]
-        for i, record in enumerate(selected, start=self.offset):
-            for lang in eval_languages:
-                if lang not in record.languages:
-                    raise RecordError(
-                        f"language {lang!r} is missing (record has {sorted(record.languages)}; "
-                        f"edit_language={self.edit_language!r}, eval_languages={eval_languages})",
-                        source=self._source(),
-                        index=i,
-                        record_id=record.id,
-                        field=f"languages.{lang}",
-                    )
-        self._records = selected
-        self._eval_languages = eval_languages
+            shared = list(dict.fromkeys(self._requested_eval))
+        return [self.edit_language, *(lang for lang in shared if lang != self.edit_language)]
+
+    def _rank(self) -> tuple[int, int]:
+        """(global rank, world size) from the trainer; (0, 1) without one."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
+    def _shard(self, rank: int, world_size: int) -> RecordList:
+        assert self._data is not None and self._selected is not None
+        groups = self._data.raw_indices[self._selected]
+        units = int(np.count_nonzero(np.r_[True, groups[1:] != groups[:-1]]))
+        if units < world_size:
+            raise RecordError(
+                f"{len(self._selected)} selected records ({units} units) cannot give each of {world_size} ranks "
+                "at least one; select more records or run on fewer devices",
+                source=self._source_name(),
+            )
+        return RecordList(self._data, shard(self._selected, groups, rank, world_size, self.seed))
+
+    def _report_at_setup(self) -> None:
+        if self.skipped:
+            rank_zero_warn(self._skip_summary())
+        unlinked = (self.notes.get("multi_hop_unlinked") or {}) if self._data is not None else {}
+        if any(unlinked.values()):
+            rank_zero_warn(f"{sum(unlinked.values())} multi-hop questions link to no edit and are not used: {unlinked}")
+
+    def _skip_summary(self) -> str:
+        shown = "\n  ".join(self.skip_reasons)
+        more = "" if self.skipped <= len(self.skip_reasons) else f"\n  ... and {self.skipped - len(self.skip_reasons)} more"
+        return f"{self.skipped} bad records skipped (on_error: skip) in {self._source_name()}:\n  {shown}{more}"
+
+    # -------------------------------------------------------------- lifecycle
 
     def prepare_data(self) -> None:
         """Nothing to download: data is read from local files in :meth:`setup`."""
 
     def setup(self, stage: str | None = None) -> None:
-        """Read and check the records (once; later calls do nothing)."""
+        """Check the data and pick this rank's records (the data is read once)."""
         self._load()
 
+    def teardown(self, stage: str | None = None) -> None:
+        """At the end of a run, report the skipped records again."""
+        if self.skipped:
+            rank_zero_warn(f"end of {stage or 'run'}: " + self._skip_summary())
+
     @property
-    def records(self) -> list[EditRecord]:
-        """The records of this run (loads them on first use)."""
+    def records(self) -> RecordList:
+        """This rank's records, read on access (loads the data on first use)."""
         self._load()
         assert self._records is not None
         return self._records
 
     @property
     def eval_languages(self) -> list[str]:
-        """Languages to evaluate in, edit language first (loads records on first use)."""
+        """Languages to evaluate in, edit language first (loads the data on first use)."""
         self._load()
         assert self._eval_languages is not None
         return list(self._eval_languages)
 
+    @property
+    def num_selected(self) -> int:
+        """Records of the run over all ranks (this rank has ``len(records)``)."""
+        self._load()
+        assert self._selected is not None
+        return len(self._selected)
+
+    @property
+    def notes(self) -> dict[str, Any]:
+        """Counts the adapter reports (MLaKE: linked and unlinked multi-hop questions)."""
+        return {} if self._data is None else self._data.notes()
+
     # -------------------------------------------------------------- dataloaders
 
     def _loader(self) -> DataLoader[Any]:
-        return DataLoader(
-            self.records,  # a list is a valid map-style dataset
-            batch_size=self.batch_size,
-            shuffle=False,
-            collate_fn=collate_records,
-        )
+        # An iterable dataset: Lightning adds no DistributedSampler, so the
+        # shard above is the whole split across ranks.
+        return DataLoader(_ShardDataset(self.records), batch_size=self.batch_size, collate_fn=collate_records)
 
     def train_dataloader(self) -> DataLoader[Any]:
         return self._loader()
@@ -166,3 +318,16 @@ class EditDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader[Any]:
         return self._loader()
+
+
+def _check_language(code: Any, name: str) -> None:
+    if is_language_code(code):
+        return
+    hints = [
+        f"{fmt} writes {iso!r} as {code!r}: use {iso!r}"
+        for fmt, quirks in formats.QUIRK_CODES.items()
+        for quirk, iso in quirks.items()
+        if quirk == code
+    ]
+    hint = f" ({'; '.join(hints)})" if hints else ""
+    raise ValueError(f"{name}: {code!r} is not an ISO 639-1 language code (two lower-case letters, e.g. 'en', 'cs'){hint}")

@@ -9,46 +9,37 @@ Each file is a JSON list of 743 records; each record holds two language blocks::
 
 A language block is identical in every file that has it, so one file per
 language is enough, and records are aligned by their position in the file.
+The files a run needs are read side by side, item by item (never whole).
 MzsRE writes Czech as ``cz`` and Dutch as ``du``; this module is the only place
 those codes exist: everything it returns uses ISO 639-1 (``cs``, ``nl``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
+from mke_lightning.data.fields import Where, strip_nq_prefix
+from mke_lightning.data.source import Parser, RecordSource
+from mke_lightning.data.spans import ItemFile
 from mke_lightning.records import EditRecord, LanguageFacts, Probe, RecordError
 
 FILE_PATTERN = re.compile(r"^mzsre_test_duplicate_([a-z]{2})([a-z]{2})\.json$")
 
 # MzsRE code -> ISO 639-1, for the two codes where they differ.
-_TO_ISO = {"cz": "cs", "du": "nl"}
-_FROM_ISO = {iso: code for code, iso in _TO_ISO.items()}
+QUIRK_CODES = {"cz": "cs", "du": "nl"}
+_FROM_ISO = {iso: code for code, iso in QUIRK_CODES.items()}
 
-# The English locality questions come from Natural Questions and keep its task
-# prefix ("nq question: who sang ..."); the translations dropped it. Stripped
-# so that every language gets the bare question.
-_LOC_PREFIX = "nq question: "
-
-# MzsRE field -> what it becomes in LanguageFacts (for error messages).
-_REQUIRED = {
-    "subject": "subject",
-    "src": "prompt",
-    "alt": "target_new",
-    "rephrase": "paraphrases",
-    "loc": "locality prompt",
-    "loc_ans": "locality answer",
-}
+# Fields every language block must have (portability is optional).
+_REQUIRED = ("subject", "src", "alt", "rephrase", "loc", "loc_ans")
 _PORT_QUESTION = "New Question"
 _PORT_ANSWER = "New Answer"
 
 
 def _iso(code: str) -> str:
-    return _TO_ISO.get(code, code)
+    return QUIRK_CODES.get(code, code)
 
 
 def _scan(folder: Path) -> dict[str, tuple[str, str]]:
@@ -85,53 +76,17 @@ def _plan(pairs: dict[str, tuple[str, str]], wanted: list[str]) -> dict[str, str
     return source_of
 
 
-def _load(path: Path) -> list[Any]:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise RecordError(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", source=str(path)) from None
-    except UnicodeDecodeError as exc:
-        raise RecordError(f"not valid UTF-8: {exc}", source=str(path)) from None
-    if not isinstance(data, list):
-        raise RecordError(f"must be a JSON list of records, got {type(data).__name__}", source=str(path))
-    return data
-
-
-def _text(block: dict[str, Any], key: str, where: str, source: str, index: int) -> str:
-    value = block.get(key)
-    if value is None:
-        raise RecordError("is missing", source=source, index=index, field=f"{where}.{key}")
-    if not isinstance(value, str):
-        raise RecordError(f"must be a string, got {type(value).__name__}", source=source, index=index, field=f"{where}.{key}")
-    if not value.strip():
-        raise RecordError("is empty", source=source, index=index, field=f"{where}.{key}")
-    return value.strip()
-
-
-def _facts(record: Any, code: str, source: str, index: int) -> LanguageFacts:
-    """One MzsRE language block (``code`` as written in the file) as LanguageFacts."""
-    if not isinstance(record, dict):
-        raise RecordError(f"must be a JSON object, got {type(record).__name__}", source=source, index=index, field="<record>")
-    block = record.get(code)
-    if not isinstance(block, dict):
-        what = "is missing" if block is None else f"must be an object, got {type(block).__name__}"
-        raise RecordError(what, source=source, index=index, field=code)
-    values = {key: _text(block, key, code, source, index) for key in _REQUIRED}
-    loc = values["loc"]
-    if loc.startswith(_LOC_PREFIX):
-        loc = loc[len(_LOC_PREFIX):].strip()
-        if not loc:
-            raise RecordError("is empty after the 'nq question: ' prefix", source=source, index=index, field=f"{code}.loc")
+def parse_block(record: Any, code: str, source: str, index: int) -> LanguageFacts:
+    """The block ``code`` (as the file writes it) of one MzsRE / Bi-ZsRE record."""
+    where = Where(source, index)
+    block = where.member(where.obj(record, "<record>"), code, "")
+    values = {key: where.text(block, key, code) for key in _REQUIRED}
+    loc = strip_nq_prefix(where, values["loc"], f"{code}.loc")
     portability: tuple[Probe, ...] = ()
-    port = block.get("portability")
-    if port is not None:
-        where = f"{code}.portability"
-        if not isinstance(port, dict):
-            raise RecordError(f"must be an object, got {type(port).__name__}", source=source, index=index, field=where)
-        portability = (
-            Probe(prompt=_text(port, _PORT_QUESTION, where, source, index), answer=_text(port, _PORT_ANSWER, where, source, index)),
-        )
+    if block.get("portability") is not None:
+        port = where.member(block, "portability", code)
+        path = f"{code}.portability"
+        portability = (Probe(where.text(port, _PORT_QUESTION, path), where.text(port, _PORT_ANSWER, path)),)
     return LanguageFacts(
         subject=values["subject"],
         prompt=values["src"],
@@ -143,52 +98,68 @@ def _facts(record: Any, code: str, source: str, index: int) -> LanguageFacts:
     )
 
 
-def read_mzsre(folder: str | os.PathLike[str], languages: list[str] | None = None) -> list[EditRecord]:
-    """Read the MzsRE test set from ``folder``: one record per index, ids ``mzsre-<index>``.
+class MzsreParser(Parser):
+    """MzsRE records in ``languages`` from a folder of pair files or one pair file.
 
-    ``languages`` are ISO 639-1 codes (``cs`` and ``nl``, not MzsRE's ``cz``
-    and ``du``), kept in the given order; ``None`` means every language the
-    folder has, sorted.
+    Args:
+        path: the folder, or a single ``mzsre_test_duplicate_<a><b>.json``.
+        languages: ISO 639-1 codes to read, in this order; ``None``: all the
+            path has, sorted.
+        prefix: record ids are ``<prefix>-<index>``.
     """
-    folder = Path(folder)
-    pairs = _scan(folder)
+
+    def __init__(self, path: str | os.PathLike[str], languages: list[str] | None = None, prefix: str = "mzsre") -> None:
+        path = Path(path)
+        self.name = str(path)
+        self.prefix = prefix
+        pairs = _scan(path) if path.is_dir() else _single(path)
+        folder = path if path.is_dir() else path.parent
+        self.languages = _wanted(pairs, languages, self.name)
+        source_of = _plan(pairs, self.languages)
+        names = list(dict.fromkeys(source_of.values()))
+        self.files = tuple(ItemFile(folder / name, "array") for name in names)
+        # language -> (which file, the code the file writes it with)
+        self.blocks = {lang: (names.index(source_of[lang]), _FROM_ISO.get(lang, lang)) for lang in self.languages}
+
+    def parse(self, items: tuple[Any, ...], index: int) -> list[EditRecord]:
+        facts = {}
+        for lang, (which, code) in self.blocks.items():
+            facts[lang] = parse_block(items[which], code, self.files[which].path, index)
+        return [EditRecord(id=f"{self.prefix}-{index}", languages=facts)]
+
+
+def _single(path: Path) -> dict[str, tuple[str, str]]:
+    """The two languages of one pair file, from its name."""
+    if not path.is_file():
+        raise RecordError(f"MzsRE path {str(path)!r} does not exist")
+    match = FILE_PATTERN.match(path.name)
+    if not match:
+        raise RecordError(
+            f"cannot tell the languages of {path.name!r}: an MzsRE file is named mzsre_test_duplicate_<a><b>.json "
+            "(or give the folder that holds the pair files)"
+        )
+    return {path.name: (_iso(match.group(1)), _iso(match.group(2)))}
+
+
+def _wanted(pairs: dict[str, tuple[str, str]], languages: list[str] | None, where: str) -> list[str]:
     available = sorted({lang for pair in pairs.values() for lang in pair})
     if languages is None:
-        wanted = available
-    else:
-        wanted = list(dict.fromkeys(languages))  # de-duplicate, keep order
-        if not wanted:
-            raise RecordError(f"no languages requested from MzsRE folder {str(folder)!r}; available: {available}")
-        unknown = [lang for lang in wanted if lang not in available]
-        if unknown:
-            hint = "".join(
-                f" (MzsRE's {lang!r} is {_TO_ISO[lang]!r} here)" for lang in unknown if lang in _TO_ISO
-            )
-            raise RecordError(
-                f"language(s) {unknown} not in MzsRE folder {str(folder)!r}; available: {available}{hint}"
-            )
+        return available
+    wanted = list(dict.fromkeys(languages))  # de-duplicate, keep order
+    if not wanted:
+        raise RecordError(f"no languages requested from MzsRE path {where!r}; available: {available}")
+    unknown = [lang for lang in wanted if lang not in available]
+    if unknown:
+        hint = "".join(f" (MzsRE's {lang!r} is {QUIRK_CODES[lang]!r} here)" for lang in unknown if lang in QUIRK_CODES)
+        raise RecordError(f"language(s) {unknown} not in MzsRE path {where!r}; available: {available}{hint}")
+    return wanted
 
-    source_of = _plan(pairs, wanted)
-    loaded: dict[str, list[Any]] = {}
-    for name in dict.fromkeys(source_of.values()):
-        loaded[name] = _load(folder / name)
 
-    count = None
-    first_name = None
-    for name, data in loaded.items():
-        if count is None:
-            count, first_name = len(data), name
-        elif len(data) != count:
-            raise RecordError(
-                f"has {len(data)} records but {first_name} has {count}; the files must be aligned",
-                source=str(folder / name),
-            )
+def read_mzsre(path: str | os.PathLike[str], languages: list[str] | None = None) -> list[EditRecord]:
+    """Read the MzsRE test set: one record per index, ids ``mzsre-<index>``.
 
-    records = []
-    for index in range(count or 0):
-        facts = {}
-        for lang in wanted:
-            name = source_of[lang]
-            facts[lang] = _facts(loaded[name][index], _FROM_ISO.get(lang, lang), str(folder / name), index)
-        records.append(EditRecord(id=f"mzsre-{index}", languages=facts))
-    return records
+    ``path`` is the folder of pair files or one pair file. ``languages`` are
+    ISO 639-1 codes (``cs`` and ``nl``, not MzsRE's ``cz`` and ``du``), kept in
+    the given order; ``None`` means every language the path has, sorted.
+    """
+    return list(RecordSource(MzsreParser(path, languages)))
