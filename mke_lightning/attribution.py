@@ -15,6 +15,8 @@ quantity an edit of a value vector multiplies), at the last prompt position.
   activation at once along one path (``steps`` rows per prompt, about L times
   cheaper).
 * ``grad_x_act``: activation x gradient, one forward and backward pass.
+* ``activation``: the activation's magnitude ``|a|`` at the last prompt
+  position, no gradient and no answer (LAFN's "magnitude analysis").
 
 With ``prefix_cache`` (default) the prompt's first T-1 tokens run once and
 every row runs only its last token against their cached keys and values:
@@ -23,7 +25,11 @@ exact, because the patch touches the last position only.
 Multi-token answers are handled as the authors do: for answer token j the
 input is the prompt followed by the model's own first j greedy tokens, and the
 scores of all answer tokens are summed. Every (prompt, answer token, step) row
-of a call is batched, ``batch_rows`` rows per forward/backward pass.
+of a call is batched into as few forward/backward passes as the memory budget
+allows (``memory_budget_mb``, or a fixed ``batch_rows``).
+
+:func:`attribute_rows_loop` computes the same scores the plain way, one pass
+per row and step; tests and ``bench/localization_speed.py`` compare the two.
 """
 
 from __future__ import annotations
@@ -35,10 +41,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from mke_lightning.architectures import ArchSpec, mlp_out_modules
+from mke_lightning.architectures import ArchSpec, mlp_out_modules, num_neurons, value_vectors
 from mke_lightning.scoring import left_pad
 
-METHODS = ("integrated_gradients", "grad_x_act")
+METHODS = ("integrated_gradients", "grad_x_act", "activation")
 IG_PATHS = ("all_layers", "per_layer")
 BASELINES = ("zero", "eos")
 
@@ -48,15 +54,20 @@ class AttributionConfig:
     """How neuron scores are computed."""
 
     method: str = "integrated_gradients"
-    """``integrated_gradients`` or ``grad_x_act`` (one pass)."""
+    """``integrated_gradients``, ``grad_x_act`` (one pass) or ``activation`` (magnitude, LAFN)."""
     ig_path: str = "all_layers"
     """``all_layers`` (one path scaling every layer) or ``per_layer`` (one path per layer, the authors' way)."""
     steps: int = 20
     """Integration steps per path (the authors use 20)."""
     baseline: str = "zero"
     """``zero`` or ``eos`` (mean activation with each token replaced by EOS)."""
-    batch_rows: int = 64
-    """Rows per forward/backward pass: the memory budget of attribution."""
+    memory_budget_mb: float = 1024.0
+    """Memory one forward/backward pass may use, in MiB: sets the rows per pass.
+
+    The size of a row is estimated from the model's shapes (logits, saved
+    activations, prefix cache copy); see :func:`rows_per_pass`."""
+    batch_rows: int | None = None
+    """Fixed rows per forward/backward pass; overrides ``memory_budget_mb`` when set."""
     prefix_cache: bool = True
     """Run each prompt's prefix once and every IG row as one cached token.
 
@@ -71,8 +82,17 @@ class AttributionConfig:
             raise ValueError(f"attribution.ig_path must be one of {IG_PATHS}, got {self.ig_path!r}")
         if self.baseline not in BASELINES:
             raise ValueError(f"attribution.baseline must be one of {BASELINES}, got {self.baseline!r}")
-        if self.steps < 1 or self.batch_rows < 1:
-            raise ValueError("attribution.steps and attribution.batch_rows must be >= 1")
+        if self.steps < 1:
+            raise ValueError(f"attribution.steps must be >= 1, got {self.steps}")
+        if self.batch_rows is not None and self.batch_rows < 1:
+            raise ValueError(f"attribution.batch_rows must be >= 1 or null, got {self.batch_rows}")
+        if self.memory_budget_mb <= 0:
+            raise ValueError(f"attribution.memory_budget_mb must be > 0, got {self.memory_budget_mb}")
+
+    @property
+    def needs_answer(self) -> bool:
+        """Whether scores depend on the answer (all methods but ``activation``)."""
+        return self.method != "activation"
 
 
 @contextmanager
@@ -140,11 +160,37 @@ def _eos_baseline(model, modules, rows: list[list[int]], eos_id: int, pad_id: in
     return total / counts[:, None, None]
 
 
+def rows_per_pass(model, arch: ArchSpec, width: int, cfg: AttributionConfig) -> int:
+    """Rows one forward/backward pass may hold under ``cfg.memory_budget_mb``.
+
+    A rough upper estimate of one row's memory, from the model's shapes:
+    float32 logits, softmax and logit gradient (``3 V``), per layer the
+    activations autograd keeps (about ``10 d_model + 6 d_ff``, the count of
+    saved tensors in a gated MLP block with attention), and the row's copy of
+    its prompt's cached keys and values (``2 T d_model`` per layer, an upper
+    bound: grouped-query attention stores less). ``width`` is the padded row
+    length ``T``; without the prefix cache every position is saved, not one.
+    """
+    if cfg.batch_rows is not None:
+        return cfg.batch_rows
+    modules = mlp_out_modules(model, arch)
+    d_ff = num_neurons(modules[0])
+    d_model = value_vectors(modules[0]).shape[1]
+    vocab = model.get_output_embeddings().weight.shape[0]
+    elem = next(model.parameters()).element_size()
+    positions = 1 if cfg.prefix_cache else width
+    per_layer = positions * (10 * d_model + 6 * d_ff) * elem + 2 * d_ff * 4  # + the float32 IG leaf and its gradient
+    if cfg.prefix_cache:
+        per_layer += 2 * width * d_model * elem
+    row = 3 * vocab * 4 + len(modules) * per_layer
+    return max(1, int(cfg.memory_budget_mb * 2**20 // row))
+
+
 def attribute_rows(
     model,
     arch: ArchSpec,
     rows: list[list[int]],
-    targets: list[int],
+    targets: list[int] | None,
     cfg: AttributionConfig,
     *,
     pad_id: int,
@@ -153,24 +199,32 @@ def attribute_rows(
 ) -> torch.Tensor:
     """Scores ``[N, L, d_ff]`` of P(targets[n] | rows[n]) for every neuron.
 
-    Leaves the model untouched: gradients are taken with ``autograd.grad``
-    with respect to patched activations only, never accumulated in ``.grad``.
+    ``targets`` may be ``None`` for ``method: activation``. Leaves the model
+    untouched: gradients are taken with ``autograd.grad`` with respect to
+    patched activations only, never accumulated in ``.grad``.
     """
+    if not rows:
+        raise ValueError("attribute_rows needs at least one row")
+    if cfg.needs_answer and (targets is None or len(targets) != len(rows)):
+        raise ValueError(f"method {cfg.method!r} needs one target token per row")
     modules = mlp_out_modules(model, arch)
     n_layers = len(modules)
     device = next(model.parameters()).device
     ids, mask, pos = (t.to(device) for t in left_pad(rows, pad_id))
-    tgt = torch.tensor(targets, device=device)
+    per_pass = rows_per_pass(model, arch, ids.shape[1], cfg)
 
+    if cfg.method == "activation":
+        return _capture(model, modules, ids, mask, pos, per_pass).abs()
+    tgt = torch.tensor(targets, device=device)
     if cfg.method == "grad_x_act":
-        return _grad_x_act(model, modules, ids, mask, pos, tgt, cfg.batch_rows)
+        return _grad_x_act(model, modules, ids, mask, pos, tgt, per_pass)
 
     runner = _CachedRunner(model, ids, mask, pos) if cfg.prefix_cache else _FullRunner(model, ids, mask, pos)
-    a = runner.capture(modules, cfg.batch_rows)  # [N, L, F]
+    a = runner.capture(modules, per_pass)  # [N, L, F]
     if cfg.baseline == "eos":
         if eos_id is None:
             raise ValueError("baseline 'eos' needs the tokenizer's eos_token_id")
-        b = _eos_baseline(model, modules, rows, eos_id, pad_id, skip_first, cfg.batch_rows, device)
+        b = _eos_baseline(model, modules, rows, eos_id, pad_id, skip_first, per_pass, device)
     else:
         b = torch.zeros_like(a)
 
@@ -188,8 +242,8 @@ def attribute_rows(
         row_layers = torch.nn.functional.one_hot(layer_of, n_layers).bool()
 
     grad_sum = torch.zeros_like(a)  # [N, L, F]
-    for s in range(0, row_in.shape[0], cfg.batch_rows):
-        ri, al, lm = row_in[s:s + cfg.batch_rows], row_alpha[s:s + cfg.batch_rows], row_layers[s:s + cfg.batch_rows]
+    for s in range(0, row_in.shape[0], per_pass):
+        ri, al, lm = row_in[s:s + per_pass], row_alpha[s:s + per_pass], row_layers[s:s + per_pass]
         used = [l for l in range(n_layers) if bool(lm[:, l].any())]
         leaves = {
             l: (b[ri, l] + al[:, None] * (a[ri, l] - b[ri, l])).requires_grad_(True)  # [R, F]
@@ -208,6 +262,80 @@ def attribute_rows(
         for l, g in zip(used, grads):
             grad_sum[:, l].index_add_(0, ri, g.float() * lm[:, l, None])
     return (a - b) * grad_sum / cfg.steps
+
+
+def attribute_rows_loop(
+    model,
+    arch: ArchSpec,
+    rows: list[list[int]],
+    targets: list[int] | None,
+    cfg: AttributionConfig,
+    *,
+    eos_id: int | None = None,
+    skip_first: bool = True,
+) -> torch.Tensor:
+    """The same scores as :func:`attribute_rows`, the plain way: ``[N, L, d_ff]``.
+
+    One unpadded row at a time, one full forward (and backward) pass per
+    integration step and path, no prefix cache and no batching. Slow; it is
+    the reference the batched path is checked and timed against.
+    """
+    modules = mlp_out_modules(model, arch)
+    n_layers = len(modules)
+    device = next(model.parameters()).device
+    out = []
+    for n, row in enumerate(rows):
+        ids = torch.tensor([row], device=device)  # [1, T]
+        a = _clean_last(model, modules, ids)  # [L, F]
+        if cfg.method == "activation":
+            out.append(a.abs())
+            continue
+        target = targets[n]
+        if cfg.method == "grad_x_act":
+            out.append(a * _path_grads(model, modules, ids, target, {l: a[l] for l in range(n_layers)}))
+            continue
+        b = torch.zeros_like(a)
+        if cfg.baseline == "eos":
+            if eos_id is None:
+                raise ValueError("baseline 'eos' needs the tokenizer's eos_token_id")
+            variants = []
+            for j in range(1 if skip_first else 0, len(row)):
+                v = list(row)
+                v[j] = eos_id
+                variants.append(_clean_last(model, modules, torch.tensor([v], device=device)))
+            b = torch.stack(variants).mean(0)
+        paths = [list(range(n_layers))] if cfg.ig_path == "all_layers" else [[l] for l in range(n_layers)]
+        grad_sum = torch.zeros_like(a)  # [L, F]
+        for layers in paths:
+            for k in range(1, cfg.steps + 1):
+                point = {l: b[l] + k / cfg.steps * (a[l] - b[l]) for l in layers}
+                grad_sum += _path_grads(model, modules, ids, target, point)
+        out.append((a - b) * grad_sum / cfg.steps)
+    return torch.stack(out)
+
+
+def _clean_last(model, modules, ids: torch.Tensor) -> torch.Tensor:
+    """Last-position activations of one unpadded row: ``[L, d_ff]``."""
+    got: dict[int, torch.Tensor] = {}
+    with torch.no_grad(), last_position_patch(modules, lambda l, x: got.__setitem__(l, x[0].detach().float())):
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    return torch.stack([got[l] for l in range(len(modules))])
+
+
+def _path_grads(model, modules, ids: torch.Tensor, target: int, point: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Gradient of P(target) w.r.t. the last-position activations set to ``point``
+    (layer -> ``[d_ff]``); zeros for the layers not in ``point``: ``[L, d_ff]``."""
+    leaves = {l: v.detach().clone().requires_grad_(True) for l, v in point.items()}
+
+    def patch(layer, x_last):
+        return leaves[layer][None].to(x_last.dtype) if layer in leaves else None
+
+    with torch.enable_grad(), last_position_patch(modules, patch):
+        logits = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1]  # [V]
+        prob = torch.softmax(logits.float(), dim=-1)[target]
+        grads = dict(zip(leaves, torch.autograd.grad(prob, list(leaves.values()))))
+    width = next(iter(point.values())).shape[-1]
+    return torch.stack([grads[l].float() if l in grads else torch.zeros(width, device=ids.device) for l in range(len(modules))])
 
 
 class _FullRunner:

@@ -1,13 +1,21 @@
-"""MEMLA neuron localisation for one edit record.
+"""Neuron localisation for one edit record (MEMLA, and LAFN's reading).
 
 For every language in ``cross_languages`` plus the edit language, the prompts
 are the edit prompt and its paraphrases and the answer is the *old* target
 (the fact being replaced; where a record has none, the model's own greedy
-answer). Per prompt, neurons scoring above ``threshold x`` that prompt's
-maximum are kept; a language's set holds the neurons kept by at least
-``prompt_fraction`` of its prompts. Language-independent neurons are the
-intersection of the cross languages' sets; language-specific ones are the edit
-language's set minus those.
+answer). Scores come from :mod:`mke_lightning.attribution`.
+
+Selection, per prompt: a neuron is kept when it passes every criterion that
+is set: score above ``threshold x`` the prompt's maximum (relative), among
+the prompt's ``top_k`` highest scores (absolute), in one of ``layers``.
+
+Per language: the neurons kept by at least ``prompt_fraction`` of its prompts.
+
+Categories: *language-independent* neurons are in the sets of at least
+``language_fraction`` of the cross languages (1.0: the intersection, as the
+MEMLA authors); *language-specific* ones are the edit language's set minus
+those. ``max_per_layer`` then caps each layer of each category (highest summed
+scores kept). The per-language sets travel with the mask for inspection.
 """
 
 from __future__ import annotations
@@ -29,23 +37,39 @@ class LocalizationConfig:
     """Which neurons an edit may change."""
 
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
-    """How neuron scores are computed (method, IG path, steps, baseline, batch size)."""
-    threshold: float = 0.3
-    """Keep neurons scoring above this fraction of the prompt's maximum score."""
+    """How neuron scores are computed (method, IG path, steps, baseline, memory budget)."""
+    threshold: float | None = 0.3
+    """Keep neurons scoring above this fraction of the prompt's maximum score (null: no relative criterion)."""
+    top_k: int | None = None
+    """Keep at most this many neurons per prompt, the highest scores (null: no absolute criterion)."""
+    layers: list[int] | None = None
+    """Layers that may hold neurons (null: every layer); negative indices count from the last layer."""
     cross_languages: list[str] = field(default_factory=lambda: ["en", "zh", "fr"])
     """Languages whose shared neurons are the language-independent set."""
     prompt_fraction: float = 0.5
     """A language keeps a neuron kept by at least this fraction of its prompts."""
+    language_fraction: float = 1.0
+    """Language-independent: in the sets of at least this fraction of the cross languages (1.0: all)."""
     max_per_layer: int | None = None
     """Optional cap on neurons per layer and category (highest scores kept)."""
     use_paraphrases: bool = True
     """Attribute the paraphrases as well as the edit prompt."""
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.threshold <= 1.0:
-            raise ValueError(f"localization.threshold must be in (0, 1], got {self.threshold}")
-        if not 0.0 < self.prompt_fraction <= 1.0:
-            raise ValueError(f"localization.prompt_fraction must be in (0, 1], got {self.prompt_fraction}")
+        if self.threshold is None and self.top_k is None:
+            raise ValueError("localization needs a selection criterion: set threshold, top_k, or both")
+        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"localization.threshold must be in (0, 1] or null, got {self.threshold}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"localization.top_k must be >= 1 or null, got {self.top_k}")
+        if self.max_per_layer is not None and self.max_per_layer < 1:
+            raise ValueError(f"localization.max_per_layer must be >= 1 or null, got {self.max_per_layer}")
+        if self.layers is not None and not self.layers:
+            raise ValueError("localization.layers is empty; use null for every layer")
+        for name in ("prompt_fraction", "language_fraction"):
+            value = getattr(self, name)
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"localization.{name} must be in (0, 1], got {value}")
         if not self.cross_languages:
             raise ValueError("localization.cross_languages is empty")
 
@@ -69,8 +93,12 @@ def _old_answers(model, tokenizer, entries: list[tuple[list[int], str, str, str 
     return answers
 
 
-def prompt_scores(model, tokenizer, arch: ArchSpec, prompts: list[tuple[list[int], list[int]]], cfg: AttributionConfig) -> torch.Tensor:
-    """Scores ``[P, L, d_ff]`` for (prompt ids, answer ids) pairs, summed over answer tokens."""
+def prompt_scores(model, tokenizer, arch: ArchSpec, prompts: list[tuple[list[int], list[int] | None]], cfg: AttributionConfig) -> torch.Tensor:
+    """Scores ``[P, L, d_ff]`` for (prompt ids, answer ids) pairs, summed over answer tokens.
+
+    With ``method: activation`` the answers are not used (pass ``None``)."""
+    if not cfg.needs_answer:
+        return attribute_rows(model, arch, [p for p, _ in prompts], None, cfg, pad_id=tokenizer.pad_token_id)
     # The model's own greedy continuation feeds the later answer tokens.
     longest = max(len(ans) for _, ans in prompts)
     own = greedy_generate(model, tokenizer, [p for p, _ in prompts], max(longest - 1, 1), stop_at_eos=False)
@@ -88,22 +116,44 @@ def prompt_scores(model, tokenizer, arch: ArchSpec, prompts: list[tuple[list[int
     return torch.zeros((len(prompts), *scores.shape[1:]), device=scores.device).index_add_(0, owner_t, scores)
 
 
-def select(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Boolean ``[P, L, d_ff]``: score above ``threshold x`` the prompt's max."""
-    peak = scores.flatten(1).max(dim=1).values.clamp(min=0)  # [P]
-    return (scores > threshold * peak[:, None, None]) & (scores > 0)
+def select(scores: torch.Tensor, cfg: LocalizationConfig) -> torch.Tensor:
+    """Boolean ``[P, L, d_ff]``: the neurons each prompt keeps (every set criterion holds)."""
+    n_prompts, n_layers, width = scores.shape
+    keep = scores > 0
+    if cfg.layers is not None:
+        allowed = torch.zeros(n_layers, dtype=torch.bool, device=scores.device)
+        for layer in cfg.layers:
+            if not -n_layers <= layer < n_layers:
+                raise ValueError(f"localization.layers holds {layer}, but the model has {n_layers} layers")
+            allowed[layer] = True
+        keep &= allowed[None, :, None]
+        scores = scores.masked_fill(~allowed[None, :, None], float("-inf"))
+    if cfg.threshold is not None:
+        peak = scores.flatten(1).max(dim=1).values.clamp(min=0)  # [P]
+        keep &= scores > cfg.threshold * peak[:, None, None]
+    if cfg.top_k is not None:
+        k = min(cfg.top_k, n_layers * width)
+        top = scores.flatten(1).topk(k, dim=1).indices  # [P, k]
+        in_top = torch.zeros((n_prompts, n_layers * width), dtype=torch.bool, device=scores.device)
+        in_top.scatter_(1, top, True)
+        keep &= in_top.view_as(keep)
+    return keep
+
+
+def _check_languages(record: EditRecord, cfg: LocalizationConfig, edit_language: str) -> list[str]:
+    missing = [l for l in dict.fromkeys([*cfg.cross_languages, edit_language]) if l not in record.languages]
+    if missing:
+        raise RecordError(
+            f"language(s) {missing} missing (record has {sorted(record.languages)}); "
+            "set localization.cross_languages (and the edit language) to languages the data has",
+            record_id=record.id, field="languages",
+        )
+    return list(dict.fromkeys([*cfg.cross_languages, edit_language]))
 
 
 def locate(model, tokenizer, arch: ArchSpec, record: EditRecord, edit_language: str, cfg: LocalizationConfig) -> NeuronMask:
-    """The MEMLA neuron mask of one record."""
-    missing = [l for l in cfg.cross_languages if l not in record.languages]
-    if missing:
-        raise RecordError(
-            f"cross language(s) {missing} missing (record has {sorted(record.languages)}); "
-            "set localization.cross_languages to languages the data has",
-            record_id=record.id, field="languages",
-        )
-    langs = list(dict.fromkeys([*cfg.cross_languages, edit_language]))
+    """The neuron mask of one record: categories, plus each language's own set."""
+    langs = _check_languages(record, cfg, edit_language)
     entries, lang_of = [], []
     for lang in langs:
         facts = record.facts(lang)
@@ -111,22 +161,32 @@ def locate(model, tokenizer, arch: ArchSpec, record: EditRecord, edit_language: 
         for text in texts:
             entries.append((encode_prompt(tokenizer, join_prompt(text, "x", lang)[0]), lang, facts.target_new, facts.target_true))
             lang_of.append(lang)
-    prompts = list(zip([e[0] for e in entries], _old_answers(model, tokenizer, entries)))
+    if cfg.attribution.needs_answer:
+        answers = _old_answers(model, tokenizer, entries)
+    else:
+        answers = [None] * len(entries)
+    prompts = list(zip([e[0] for e in entries], answers))
     scores = prompt_scores(model, tokenizer, arch, prompts, cfg.attribution)  # [P, L, F]
-    kept = select(scores, cfg.threshold)
+    kept = select(scores, cfg)  # [P, L, F]
 
     per_lang: dict[str, torch.Tensor] = {}
     for lang in langs:
         idx = [i for i, l in enumerate(lang_of) if l == lang]
-        need = max(1, math.ceil(cfg.prompt_fraction * len(idx) - 1e-9))
-        per_lang[lang] = kept[idx].sum(0) >= need  # [L, F]
-    independent = torch.stack([per_lang[l] for l in cfg.cross_languages]).all(0)
+        per_lang[lang] = kept[idx].sum(0) >= _at_least(cfg.prompt_fraction, len(idx))  # [L, F]
+    votes = torch.stack([per_lang[l] for l in cfg.cross_languages]).sum(0)  # [L, F]
+    independent = votes >= _at_least(cfg.language_fraction, len(cfg.cross_languages))
     specific = per_lang[edit_language] & ~independent
     total = scores.sum(0)  # [L, F] ranks neurons for the optional cap
     return NeuronMask(
         record_id=record.id,
         layers={"independent": _to_layers(independent, total, cfg.max_per_layer), "specific": _to_layers(specific, total, cfg.max_per_layer)},
+        languages={lang: _to_layers(sel, total, None) for lang, sel in per_lang.items()},
     )
+
+
+def _at_least(fraction: float, count: int) -> int:
+    """The smallest whole number of ``count`` items that makes up ``fraction`` (at least 1)."""
+    return max(1, math.ceil(fraction * count - 1e-9))
 
 
 def _to_layers(chosen: torch.Tensor, score: torch.Tensor, cap: int | None) -> dict[int, list[int]]:

@@ -1,29 +1,56 @@
-"""The located neurons of one edit, per category and layer."""
+"""The located neurons of one edit, per category and layer, and their file form.
+
+A mask file is one safetensors file: per group (a category, or a language's
+own set under ``language.<code>``) an int32 tensor ``[n, 2]`` of
+``(layer, neuron)`` pairs, and in the header a JSON metadata string (record
+id, model fingerprint, attribution method, settings) under the key ``mke``.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
 
 CATEGORIES = ("independent", "specific")
 """MEMLA's two neuron categories: language-independent (shared by the cross
 languages) and language-specific (the edit language's own)."""
 
+FORMAT_VERSION = 1
+_LANG_PREFIX = "language."
+
+LayerMap = dict[int, list[int]]
+
+
+def _clean(per_layer: dict) -> LayerMap:
+    return {int(l): sorted(int(i) for i in idx) for l, idx in sorted(per_layer.items(), key=lambda kv: int(kv[0])) if len(idx)}
+
 
 @dataclass
 class NeuronMask:
-    """Per category, a map ``layer -> sorted neuron indices``."""
+    """Per category, a map ``layer -> sorted neuron indices``.
+
+    ``languages`` holds each language's own set (before categories are
+    formed), for inspection; ``metadata`` what produced the mask.
+    """
 
     record_id: str
-    layers: dict[str, dict[int, list[int]]] = field(default_factory=lambda: {c: {} for c in CATEGORIES})
+    layers: dict[str, LayerMap] = field(default_factory=lambda: {c: {} for c in CATEGORIES})
+    languages: dict[str, LayerMap] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for cat in list(self.layers):
-            self.layers[cat] = {int(l): sorted(int(i) for i in idx) for l, idx in self.layers[cat].items() if len(idx)}
+        self.layers = {cat: _clean(per_layer) for cat, per_layer in self.layers.items()}
+        self.languages = {lang: _clean(per_layer) for lang, per_layer in self.languages.items()}
 
-    def category(self, name: str) -> dict[int, list[int]]:
+    def category(self, name: str) -> LayerMap:
         return self.layers.get(name, {})
 
-    def union(self) -> dict[int, list[int]]:
+    def union(self) -> LayerMap:
         """Neurons of every category, merged per layer."""
         out: dict[int, set[int]] = {}
         for per_layer in self.layers.values():
@@ -35,9 +62,75 @@ class NeuronMask:
         cats = [category] if category else list(self.layers)
         return sum(len(idx) for c in cats for idx in self.layers.get(c, {}).values())
 
+    def same_neurons(self, other: "NeuronMask") -> bool:
+        """Same record, categories and language sets (metadata aside)."""
+        return (self.record_id, self.layers, self.languages) == (other.record_id, other.layers, other.languages)
+
+    # -- plain dict (JSON, all_gather_object) ---------------------------------
     def to_dict(self) -> dict:
-        return {"record_id": self.record_id, "layers": {c: {str(l): v for l, v in d.items()} for c, d in self.layers.items()}}
+        return {
+            "record_id": self.record_id,
+            "layers": {c: {str(l): v for l, v in d.items()} for c, d in self.layers.items()},
+            "languages": {g: {str(l): v for l, v in d.items()} for g, d in self.languages.items()},
+            "metadata": self.metadata,
+        }
 
     @classmethod
     def from_dict(cls, obj: dict) -> "NeuronMask":
-        return cls(record_id=obj["record_id"], layers={c: {int(l): v for l, v in d.items()} for c, d in obj["layers"].items()})
+        return cls(
+            record_id=obj["record_id"],
+            layers={c: dict(d) for c, d in obj["layers"].items()},
+            languages={g: dict(d) for g, d in obj.get("languages", {}).items()},
+            metadata=dict(obj.get("metadata", {})),
+        )
+
+    # -- file form -------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the mask as safetensors with JSON metadata; atomic (a kill leaves no half file)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {cat: _pairs(per_layer) for cat, per_layer in self.layers.items()}
+        tensors.update({_LANG_PREFIX + lang: _pairs(per_layer) for lang, per_layer in self.languages.items()})
+        header = {"format_version": FORMAT_VERSION, "record_id": self.record_id, **self.metadata}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file(tensors, str(tmp), metadata={"mke": json.dumps(header, sort_keys=True)})
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "NeuronMask":
+        """Read a file written by :meth:`save`."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = (f.metadata() or {}).get("mke")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:  # safetensors raises its own error types
+            raise ValueError(f"{path}: not a readable neuron-mask file ({err})") from err
+        if header is None:
+            raise ValueError(f"{path}: a safetensors file without neuron-mask metadata (no 'mke' header key)")
+        meta = json.loads(header)
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: mask format version {meta.get('format_version')!r}, this version reads {FORMAT_VERSION}")
+        record_id = meta.pop("record_id")
+        meta.pop("format_version")
+        layers = {k: _layer_map(v) for k, v in tensors.items() if not k.startswith(_LANG_PREFIX)}
+        languages = {k[len(_LANG_PREFIX):]: _layer_map(v) for k, v in tensors.items() if k.startswith(_LANG_PREFIX)}
+        return cls(record_id=record_id, layers=layers, languages=languages, metadata=meta)
+
+
+def _pairs(per_layer: LayerMap) -> torch.Tensor:
+    """``[n, 2]`` int32 (layer, neuron) pairs."""
+    rows = [(l, i) for l, idx in sorted(per_layer.items()) for i in idx]
+    return torch.tensor(rows, dtype=torch.int32).reshape(-1, 2)
+
+
+def _layer_map(pairs: torch.Tensor) -> LayerMap:
+    out: dict[int, list[int]] = {}
+    for layer, neuron in pairs.tolist():
+        out.setdefault(int(layer), []).append(int(neuron))
+    return out

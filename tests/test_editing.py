@@ -1,4 +1,4 @@
-"""Localisation and masked editing on tiny random models (CPU, seconds)."""
+"""Masked editing on tiny random models (CPU, seconds); localisation tests live in test_localization*.py."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mke_lightning.architectures import UnknownArchitectureError, mlp_out_modules, neuron_dim, resolve_arch
-from mke_lightning.attribution import AttributionConfig, attribute_rows, last_position_patch
+from mke_lightning.attribution import AttributionConfig
 from mke_lightning.editor import EditLossConfig, KnowledgeEditor
 from mke_lightning.localization import LocalizationConfig, locate
 from mke_lightning.masked_lora import LoRAConfig, attach
@@ -82,130 +82,6 @@ def test_adapter_ranks_and_gradient_mask(tiny_llama_dir):
     assert a.grad[:, ~outside].abs().sum() > 0
     handle.discard()
     assert not hasattr(model.get_submodule(arch.mlp_out_name(0)), "lora_A")
-
-
-def test_localisation_leaves_model_unchanged_and_is_deterministic(tiny_llama_dir, toy_records):
-    model, tok, arch = load_causal_lm(ModelConfig(name_or_path=str(tiny_llama_dir)))
-    before = _snapshot(model)
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    m1 = locate(model, tok, arch, toy_records[0], "en", LOC)
-    m2 = locate(model, tok, arch, toy_records[0], "en", LOC)
-    assert m1.layers == m2.layers
-    for name, w in model.state_dict().items():
-        assert torch.equal(before[name], w)
-    assert all(p.grad is None for p in model.parameters())
-    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
-
-
-def _reference_ig(model, arch, row, target, steps, per_layer: bool) -> torch.Tensor:
-    """A plain loop: one forward/backward per (layer,) step, zero baseline."""
-    modules = mlp_out_modules(model, arch)
-    ids = torch.tensor([row])
-    clean = {}
-    with torch.no_grad(), last_position_patch(modules, lambda l, x: clean.__setitem__(l, x.detach().clone())):
-        model(input_ids=ids)
-    n_layers = len(modules)
-    scores = torch.zeros(n_layers, clean[0].shape[-1])
-    for layer_set in ([[l] for l in range(n_layers)] if per_layer else [list(range(n_layers))]):
-        for k in range(1, steps + 1):
-            leaves = {l: (clean[l] * k / steps).requires_grad_(True) for l in layer_set}
-            with last_position_patch(modules, lambda l, x: leaves.get(l)):
-                prob = torch.softmax(model(input_ids=ids).logits[0, -1], -1)[target]
-            grads = torch.autograd.grad(prob, [leaves[l] for l in layer_set])
-            for l, g in zip(layer_set, grads):
-                scores[l] += (clean[l] * g / steps)[0]
-    return scores
-
-
-@pytest.mark.parametrize("prefix_cache", [True, False], ids=["cached", "full"])
-@pytest.mark.parametrize("ig_path", ["all_layers", "per_layer"])
-def test_batched_ig_equals_per_step_loop(tiny_llama_dir, ig_path, prefix_cache):
-    model, tok, arch = load_causal_lm(ModelConfig(name_or_path=str(tiny_llama_dir)))
-    rows = [tok("the capital of france is")["input_ids"], tok("the tower is located in the city of")["input_ids"]]
-    targets = [tok.convert_tokens_to_ids("paris"), tok.convert_tokens_to_ids("rome")]
-    cfg = AttributionConfig(steps=7, ig_path=ig_path, batch_rows=5, prefix_cache=prefix_cache)  # chunks cut across rows
-    batched = attribute_rows(model, arch, rows, targets, cfg, pad_id=tok.pad_token_id)
-    for i, (row, tgt) in enumerate(zip(rows, targets)):
-        ref = _reference_ig(model, arch, row, tgt, 7, per_layer=ig_path == "per_layer")
-        assert (batched[i] - ref).abs().max() < 1e-4
-
-
-def test_grad_x_act_equals_one_step_ig(tiny_llama_dir):
-    model, tok, arch = load_causal_lm(ModelConfig(name_or_path=str(tiny_llama_dir)))
-    rows = [tok("the capital of france is")["input_ids"]]
-    tgt = [tok.convert_tokens_to_ids("paris")]
-    gxa = attribute_rows(model, arch, rows, tgt, AttributionConfig(method="grad_x_act"), pad_id=0)
-    ig1 = attribute_rows(model, arch, rows, tgt, AttributionConfig(steps=1), pad_id=0)
-    assert (gxa - ig1).abs().max() < 1e-6
-
-
-@pytest.mark.parametrize(
-    "cfg",
-    [
-        AttributionConfig(method="grad_x_act"),
-        AttributionConfig(steps=10, ig_path="all_layers"),
-        AttributionConfig(steps=10, ig_path="per_layer"),
-    ],
-    ids=["grad_x_act", "ig_all_layers", "ig_per_layer"],
-)
-def test_planted_neuron_ranks_first(tiny_llama_dir, cfg):
-    """One neuron is built to carry the answer: its value vector points at the
-    answer's unembedding; every method must rank it first."""
-    model, tok, arch = load_causal_lm(ModelConfig(name_or_path=str(tiny_llama_dir)))
-    layer, neuron = 1, 17
-    row = tok("the capital of france is")["input_ids"]
-    target = tok.convert_tokens_to_ids("berlin")
-    modules = mlp_out_modules(model, arch)
-    acts = {}
-    with torch.no_grad(), last_position_patch(modules, lambda l, x: acts.__setitem__(l, x.clone())):
-        model(input_ids=torch.tensor([row]))
-    head = model.get_output_embeddings().weight  # [V, d_model]
-    with torch.no_grad():
-        head[target] *= 10.0  # random init logits are tiny; give the answer a readable one
-    direction = head[target].detach().clone()  # [d_model]
-    with torch.no_grad():
-        # Large enough to dominate the residual stream at the last position.
-        modules[layer].weight[:, neuron] = 50.0 / acts[layer][0, neuron] * direction / direction.norm()
-        before = torch.softmax(model(input_ids=torch.tensor([row])).logits[0, -1], -1)[target]
-    assert before > 0.5  # the planted neuron really carries the answer
-    scores = attribute_rows(model, arch, [row], [target], cfg, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)[0]
-    best = int(scores.flatten().argmax())
-    assert divmod(best, scores.shape[1]) == (layer, neuron)
-
-
-def test_eos_baseline_is_the_mean_of_single_token_ablations(tiny_llama_dir):
-    from mke_lightning.attribution import _capture, _eos_baseline
-    from mke_lightning.scoring import left_pad
-
-    model, tok, arch = load_causal_lm(ModelConfig(name_or_path=str(tiny_llama_dir)))
-    modules = mlp_out_modules(model, arch)
-    row = tok("the capital of france is")["input_ids"]
-    b = _eos_baseline(model, modules, [row], tok.eos_token_id, 0, True, 64, "cpu")[0]  # [L, F]
-    manual = []
-    for j in range(1, len(row)):  # position 0 (BOS) is kept
-        v = list(row)
-        v[j] = tok.eos_token_id
-        manual.append(_capture(model, modules, *left_pad([v], 0), 64)[0])
-    assert (b - torch.stack(manual).mean(0)).abs().max() < 1e-6
-    cfg = AttributionConfig(steps=50, ig_path="per_layer", baseline="eos")
-    tgt = tok.convert_tokens_to_ids("paris")
-    scores = attribute_rows(model, arch, [row], [tgt], cfg, pad_id=0, eos_id=tok.eos_token_id)[0]
-    assert scores.abs().sum() > 0
-
-
-def test_categories_follow_the_definition(tiny_llama_dir, toy_records):
-    model, tok, arch = load_causal_lm(ModelConfig(name_or_path=str(tiny_llama_dir)))
-    cfg = LocalizationConfig(attribution=AttributionConfig(steps=3), cross_languages=["en", "fr", "de"], threshold=0.2)
-    mask = locate(model, tok, arch, toy_records[0], "en", cfg)
-    # Per-language sets from single-language runs: cross languages = the language alone.
-    per_lang = {}
-    for lang in ["en", "fr", "de"]:
-        m = locate(model, tok, arch, toy_records[0], lang, LocalizationConfig(attribution=cfg.attribution, cross_languages=[lang], threshold=0.2))
-        per_lang[lang] = {(l, i) for l, idx in m.category("independent").items() for i in idx}
-    indep = {(l, i) for l, idx in mask.category("independent").items() for i in idx}
-    spec = {(l, i) for l, idx in mask.category("specific").items() for i in idx}
-    assert indep == per_lang["en"] & per_lang["fr"] & per_lang["de"]
-    assert spec == per_lang["en"] - indep
 
 
 def test_edit_moves_the_answer_on_a_tiny_model(tiny_llama_dir, toy_records):
