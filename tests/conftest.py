@@ -112,3 +112,10 @@ def mzsre_dir() -> Path:
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real benchmark files (../shared/data beside the checkout; never copied into the repo)."""
+    assert SHARED_DATA.is_dir(), f"benchmark data not found at {SHARED_DATA} (expected ../shared/data beside the checkout)"
+    return SHARED_DATA

@@ -32,8 +32,9 @@ class BizsreParser(Parser):
         self.languages = wanted
 
     def parse(self, items: tuple[Any, ...], index: int) -> list[EditRecord]:
-        facts = {lang: parse_block(items[0], lang, self.name, index) for lang in self.languages}
-        return [EditRecord(id=f"bizsre-{index}", languages=facts)]
+        rid = f"bizsre-{index}"
+        facts = {lang: parse_block(items[0], lang, self.name, index, rid) for lang in self.languages}
+        return [EditRecord(id=rid, languages=facts)]
 
 
 def read_bizsre(path: str | os.PathLike[str], languages: list[str] | None = None) -> list[EditRecord]:

@@ -282,6 +282,14 @@ class EditDataModule(L.LightningDataModule):
         return self._records
 
     @property
+    def all_records(self) -> RecordList:
+        """The records of the run over all ranks, in serving order (seeded when ``seed`` is set)."""
+        self._load()
+        assert self._data is not None and self._selected is not None
+        groups = self._data.raw_indices[self._selected]
+        return RecordList(self._data, shard(self._selected, groups, 0, 1, self.seed))
+
+    @property
     def eval_languages(self) -> list[str]:
         """Languages to evaluate in, edit language first (loads the data on first use)."""
         self._load()
@@ -329,5 +337,5 @@ def _check_language(code: Any, name: str) -> None:
         for quirk, iso in quirks.items()
         if quirk == code
     ]
-    hint = f" ({'; '.join(hints)})" if hints else ""
-    raise ValueError(f"{name}: {code!r} is not an ISO 639-1 language code (two lower-case letters, e.g. 'en', 'cs'){hint}")
+    hint = "; ".join(hints) or "two lower-case letters, e.g. 'en', 'cs'"
+    raise ValueError(f"{name}: {code!r} is not an ISO 639-1 language code ({hint})")

@@ -76,9 +76,9 @@ def _plan(pairs: dict[str, tuple[str, str]], wanted: list[str]) -> dict[str, str
     return source_of
 
 
-def parse_block(record: Any, code: str, source: str, index: int) -> LanguageFacts:
+def parse_block(record: Any, code: str, source: str, index: int, record_id: str | None = None) -> LanguageFacts:
     """The block ``code`` (as the file writes it) of one MzsRE / Bi-ZsRE record."""
-    where = Where(source, index)
+    where = Where(source, index, record_id)
     block = where.member(where.obj(record, "<record>"), code, "")
     values = {key: where.text(block, key, code) for key in _REQUIRED}
     loc = strip_nq_prefix(where, values["loc"], f"{code}.loc")
@@ -122,10 +122,11 @@ class MzsreParser(Parser):
         self.blocks = {lang: (names.index(source_of[lang]), _FROM_ISO.get(lang, lang)) for lang in self.languages}
 
     def parse(self, items: tuple[Any, ...], index: int) -> list[EditRecord]:
+        rid = f"{self.prefix}-{index}"
         facts = {}
         for lang, (which, code) in self.blocks.items():
-            facts[lang] = parse_block(items[which], code, self.files[which].path, index)
-        return [EditRecord(id=f"{self.prefix}-{index}", languages=facts)]
+            facts[lang] = parse_block(items[which], code, self.files[which].path, index, rid)
+        return [EditRecord(id=rid, languages=facts)]
 
 
 def _single(path: Path) -> dict[str, tuple[str, str]]:
