@@ -1,6 +1,23 @@
-"""What the callbacks need from a LightningModule and a DataModule."""
+"""What the callbacks need from a LightningModule and a DataModule.
+
+The localisation protocol, for any LightningModule (ours or a user's):
+
+* the causal LM: an attribute ``causal_lm``, or a method ``get_causal_lm()``
+  returning it (a Hugging Face ``PreTrainedModel`` with a causal LM head);
+* ``tokenizer``: its tokenizer (attribute);
+* optional ``arch`` (:class:`~mke_lightning.architectures.ArchSpec`): where
+  the MLP output projections are; by default looked up from
+  ``config.model_type`` in the architecture table;
+* optional ``neuron_masks``: a dict the masks are written into (record id ->
+  :class:`~mke_lightning.neurons.NeuronMask`); created when absent.
+
+The records come from the DataModule's ``records`` list; the edit language
+from its ``edit_language`` (else the module's, else ``en``).
+"""
 
 from __future__ import annotations
+
+from mke_lightning.architectures import ArchSpec, resolve_arch
 
 REQUIRED = ("causal_lm", "tokenizer", "arch", "neuron_masks")
 
@@ -14,16 +31,54 @@ def check_module(pl_module, who: str) -> None:
         )
 
 
+def causal_lm_of(pl_module, who: str) -> tuple[object, object, ArchSpec]:
+    """``(model, tokenizer, arch)`` of a module offering the localisation protocol."""
+    getter = getattr(pl_module, "get_causal_lm", None)
+    model = getter() if callable(getter) else getattr(pl_module, "causal_lm", None)
+    tokenizer = getattr(pl_module, "tokenizer", None)
+    problems = []
+    if model is None:
+        problems.append("a causal LM (attribute `causal_lm` or method `get_causal_lm()`)")
+    elif not hasattr(model, "config") or not hasattr(model, "get_output_embeddings"):
+        problems.append(f"a Hugging Face causal LM, not a {type(model).__name__}")
+    if tokenizer is None:
+        problems.append("its tokenizer (attribute `tokenizer`)")
+    if problems:
+        raise AttributeError(
+            f"{who} needs {type(pl_module).__name__} to offer {' and '.join(problems)}; "
+            "see the protocol in mke_lightning.callbacks._protocol (docs/localization.md)"
+        )
+    arch = getattr(pl_module, "arch", None) or resolve_arch(model.config.model_type)
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"{who}: the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the EOS token)")
+    return model, tokenizer, arch
+
+
+def masks_of(pl_module) -> dict:
+    """The module's ``neuron_masks`` dict, created when it has none."""
+    masks = getattr(pl_module, "neuron_masks", None)
+    if masks is None:
+        masks = {}
+        pl_module.neuron_masks = masks
+    return masks
+
+
 def run_languages(trainer, pl_module) -> tuple[str, list[str]]:
     """(edit language, evaluation languages) of the run, from the DataModule."""
-    dm = trainer.datamodule
-    edit = getattr(dm, "edit_language", None) or getattr(pl_module, "edit_language", "en")
-    evals = list(getattr(dm, "eval_languages", None) or [edit])
+    return languages_of(trainer.datamodule, pl_module)
+
+
+def languages_of(datamodule, pl_module) -> tuple[str, list[str]]:
+    edit = getattr(datamodule, "edit_language", None) or getattr(pl_module, "edit_language", "en")
+    evals = list(getattr(datamodule, "eval_languages", None) or [edit])
     return edit, evals
 
 
 def run_records(trainer) -> list:
-    dm = trainer.datamodule
-    if dm is None or not hasattr(dm, "records"):
+    return records_of(trainer.datamodule)
+
+
+def records_of(datamodule) -> list:
+    if datamodule is None or not hasattr(datamodule, "records"):
         raise AttributeError("the callbacks need a DataModule with a `records` list (mke_lightning.data.EditDataModule)")
-    return list(dm.records)
+    return list(datamodule.records)

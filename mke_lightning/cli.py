@@ -1,4 +1,9 @@
-"""The ``mke`` command: a LightningCLI over the editor and the edit data."""
+"""The ``mke`` command: a LightningCLI over the editor and the edit data.
+
+Subcommands: Lightning's ``fit``, ``validate``, ``test``, ``predict``, and
+``localize`` (only locate the neurons of the run's records, write the masks
+to the cache and the summary to the log dir; see docs/localization.md).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,17 @@ from lightning.pytorch.cli import LightningCLI
 
 from mke_lightning.data import EditDataModule
 from mke_lightning.editor import KnowledgeEditor
+from mke_lightning.trainer import MKETrainer
 
 
 class MKECLI(LightningCLI):
+    def __init__(self, *args, trainer_class=MKETrainer, **kwargs) -> None:
+        super().__init__(*args, trainer_class=trainer_class, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "localize": {"model", "datamodule"}}
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.edit_language", "model.edit_language")
 

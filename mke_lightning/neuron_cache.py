@@ -1,0 +1,138 @@
+"""A disk cache of neuron masks, keyed by model, settings and record.
+
+Layout under the cache root (default ``$MKE_CACHE_DIR/neuron-masks`` or
+``~/.cache/mke-lightning/neuron-masks``)::
+
+    <model fingerprint[:16]>-<settings digest[:16]>/
+        settings.json                 what the key stands for (for people)
+        masks/<record digest>.safetensors   one file per record (NeuronMask.save)
+
+A mask is reused only when its file's metadata names the same model
+fingerprint, the same settings digest and the same record content: changing
+any setting that changes which neurons are found, the model's weights, its
+tokenizer, or the record's text, recomputes. Settings that only change how
+fast the same scores are computed (``memory_budget_mb``, ``batch_rows``,
+``prefix_cache``) are not part of the key. Files are written atomically, one
+per record as soon as it is done, so a killed run loses at most the record in
+progress; each rank writes the files of its own records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mke_lightning.architectures import ArchSpec
+from mke_lightning.localization import LocalizationConfig
+from mke_lightning.model_loading import cache_root
+from mke_lightning.neurons import NeuronMask
+from mke_lightning.records import EditRecord
+
+log = logging.getLogger(__name__)
+
+SPEED_ONLY = ("memory_budget_mb", "batch_rows", "prefix_cache")
+"""Attribution settings that change speed and memory, not the scores."""
+
+_SAMPLE = 4096  # values per tensor in the fingerprint's strided sample
+_PROBE_TEXT = "The capital of France is Paris. 東京 Москва ø"
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str, ensure_ascii=False).encode()).hexdigest()
+
+
+@torch.no_grad()
+def model_fingerprint(model, tokenizer, arch: ArchSpec) -> str:
+    """A digest of the model's config, weights, neuron modules and tokenizer.
+
+    Weights enter as, per tensor, its name, shape, dtype, float64 sum and L2
+    norm (any edited column moves them) and a strided sample of its values;
+    reading every weight once costs well under a second for a 270M model.
+    Models whose weights are partitioned away (DeepSpeed stage 3) should be
+    given an explicit fingerprint instead.
+    """
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    h = hashlib.sha256()
+    h.update(_digest({"config": config, "arch": asdict(arch)}).encode())
+    special = {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")}
+    probe = tokenizer(_PROBE_TEXT, add_special_tokens=True)["input_ids"]
+    h.update(_digest({"tokenizer": type(tokenizer).__name__, "size": len(tokenizer), "special": special, "probe": probe}).encode())
+    for name, t in sorted(model.state_dict().items()):
+        if not torch.is_tensor(t) or t.numel() == 0:
+            h.update(f"{name}:empty".encode())
+            continue
+        flat = t.detach().reshape(-1)
+        stride = max(1, flat.numel() // _SAMPLE)
+        stats = torch.stack([flat.sum(dtype=torch.float64), torch.linalg.vector_norm(flat, dtype=torch.float64)])
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(stats.cpu().numpy().tobytes())
+        h.update(flat[::stride][:_SAMPLE].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def settings_key(cfg: LocalizationConfig, edit_language: str) -> dict[str, Any]:
+    """The settings that decide which neurons are found (the cache key's part)."""
+    key = asdict(cfg)
+    for name in SPEED_ONLY:
+        key["attribution"].pop(name, None)
+    key["edit_language"] = edit_language
+    return key
+
+
+def record_digest(record: EditRecord) -> str:
+    return _digest(record.to_dict())
+
+
+class MaskCache:
+    """Masks of one (model, settings) pair on disk."""
+
+    def __init__(self, root: str | Path | None, fingerprint: str, cfg: LocalizationConfig, edit_language: str) -> None:
+        self.fingerprint = fingerprint
+        self.settings = settings_key(cfg, edit_language)
+        self.settings_digest = _digest(self.settings)
+        base = Path(root).expanduser() if root else cache_root() / "neuron-masks"
+        self.folder = base / f"{fingerprint[:16]}-{self.settings_digest[:16]}"
+        self.method = cfg.attribution.method
+
+    def path(self, record: EditRecord) -> Path:
+        # Record ids are free text; the file is named by a digest of the id.
+        return self.folder / "masks" / f"{hashlib.sha256(record.id.encode()).hexdigest()[:24]}.safetensors"
+
+    def metadata(self, record: EditRecord) -> dict[str, Any]:
+        return {
+            "model_fingerprint": self.fingerprint,
+            "settings_digest": self.settings_digest,
+            "record_digest": record_digest(record),
+            "method": self.method,
+            "settings": self.settings,
+        }
+
+    def load(self, record: EditRecord) -> NeuronMask | None:
+        """The cached mask of ``record``, or ``None`` when there is none or it is stale."""
+        path = self.path(record)
+        if not path.exists():
+            return None
+        try:
+            mask = NeuronMask.load(path)
+        except ValueError as err:
+            log.warning("ignoring cached mask %s: %s", path, err)
+            return None
+        want = self.metadata(record)
+        meta = mask.metadata
+        if mask.record_id != record.id or any(meta.get(k) != want[k] for k in ("model_fingerprint", "settings_digest", "record_digest")):
+            return None
+        return mask
+
+    def save(self, record: EditRecord, mask: NeuronMask) -> Path:
+        mask.metadata = {**mask.metadata, **self.metadata(record)}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        about = self.folder / "settings.json"
+        if not about.exists():
+            about.write_text(json.dumps({"model_fingerprint": self.fingerprint, "settings": self.settings}, indent=2, sort_keys=True))
+        return mask.save(self.path(record))
