@@ -26,7 +26,8 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
-from mke_lightning.masked_lora import LoRAConfig, Restore, attach
+from mke_lightning.masked_lora import LoRAConfig, attach
+from mke_lightning.neuron_delta import OnTop, Restore
 from mke_lightning.model_loading import ModelConfig, load_causal_lm
 from mke_lightning.neurons import NeuronMask
 from mke_lightning.records import EditRecord, join_prompt
@@ -103,7 +104,7 @@ class KnowledgeEditor(L.LightningModule):
         self.arch = None
         self.neuron_masks: dict[str, NeuronMask] = {}
         self.outcomes: list[EditOutcome] = []
-        self._restore: Restore | None = None
+        self._restore: Restore | OnTop | None = None
         self._anchor_logp: torch.Tensor | None = None  # [A, V] pre-edit log-probs at the anchors' last position
         self._anchor_ids: list[list[int]] = []
 
@@ -111,7 +112,23 @@ class KnowledgeEditor(L.LightningModule):
     def configure_model(self) -> None:
         if self.causal_lm is not None:
             return
-        self.causal_lm, self.tokenizer, self.arch = load_causal_lm(self.lm_config)
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if getattr(strategy, "zero_stage_3", False) and not self.lm_config.random_init:
+            # transformers loads a checkpoint shard by shard into partitioned weights
+            # only while a DeepSpeed config object is alive.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_deepspeed = HfDeepSpeedConfig(strategy.config)
+        self.causal_lm, self.tokenizer, self.arch = load_causal_lm(self.lm_config, device=self._build_device())
+
+    def _build_device(self) -> torch.device | None:
+        """Where to build the weights: the strategy's device, unless the strategy shards them as they are built."""
+        if self._trainer is None:
+            return None
+        strategy = self.trainer.strategy
+        if getattr(strategy, "zero_stage_3", False):
+            return None  # deepspeed.zero.Init places and partitions each parameter itself
+        return strategy.root_device
 
     def configure_optimizers(self):
         return None  # each edit builds its own optimiser over its own adapters
@@ -181,7 +198,7 @@ class KnowledgeEditor(L.LightningModule):
             self._backward(loss)
             opt.step()
             handle.clamp_norms()
-        self._restore = handle.merge()
+        self._restore = handle.finish()
         return EditOutcome(record.id, steps, loss_v, p_new, mask.count(), time.perf_counter() - start)
 
     def _backward(self, loss: torch.Tensor) -> None:
@@ -193,7 +210,7 @@ class KnowledgeEditor(L.LightningModule):
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Undo the last merged edit exactly."""
+        """Undo the last edit exactly (merged or applied on top)."""
         if self._restore is not None:
             self._restore()
             self._restore = None

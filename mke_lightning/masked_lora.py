@@ -12,10 +12,12 @@ One adapter per neuron category (language-independent, language-specific),
 each on the layers that hold neurons of that category, with rank
 ``rank_factor x`` (neurons of that category in that layer).
 
-:func:`attach` returns a handle; :meth:`MaskedLoRA.merge` folds the trained
-update into the base weights (``W += merge_scale * delta``, optionally with
-each neuron's update norm clamped), removes the adapters, and returns a
-:class:`Restore` that puts the original values back bit for bit.
+:func:`attach` returns a handle; :meth:`MaskedLoRA.finish` removes the
+adapters and applies the trained update (``merge_scale * delta``, optionally
+with each neuron's update norm clamped) as a
+:class:`~mke_lightning.neuron_delta.NeuronDelta`: merged into the weights, or
+on top of them where they cannot be written (int8, partitioned). What it
+returns undoes the edit exactly.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ import torch
 from torch import nn
 
 from mke_lightning.architectures import ArchSpec, neuron_dim
+from mke_lightning.neuron_delta import NeuronDelta, OnTop, Restore, can_write_in_place
 from mke_lightning.neurons import CATEGORIES, NeuronMask
+
+APPLY_MODES = ("auto", "merge", "on_top")
 
 
 @dataclass
@@ -44,6 +49,10 @@ class LoRAConfig:
     """If set, each neuron's value-vector update is clamped to this L2 norm, in training and at merge."""
     categories: list[str] = field(default_factory=lambda: list(CATEGORIES))
     """Neuron categories that get an adapter (drop one for an ablation)."""
+    apply: str = "auto"
+    """How a trained edit reaches the model: ``merge`` (written into the weights, undone exactly),
+    ``on_top`` (added by forward hooks, weights untouched) or ``auto`` (merge where the weights
+    can be written in place, on top where they are int8 or partitioned)."""
 
     def __post_init__(self) -> None:
         if self.rank_factor < 1:
@@ -51,18 +60,8 @@ class LoRAConfig:
         unknown = set(self.categories) - set(CATEGORIES)
         if unknown:
             raise ValueError(f"lora.categories has unknown names {sorted(unknown)}; valid: {CATEGORIES}")
-
-
-@dataclass
-class Restore:
-    """Original values of the touched value vectors, to undo an edit exactly."""
-
-    saved: list[tuple[nn.Parameter, int, torch.Tensor, torch.Tensor]]  # (weight, dim, index, original slice)
-
-    @torch.no_grad()
-    def __call__(self) -> None:
-        for weight, dim, index, original in self.saved:
-            weight.index_copy_(dim, index, original)
+        if self.apply not in APPLY_MODES:
+            raise ValueError(f"lora.apply must be one of {APPLY_MODES}, got {self.apply!r}")
 
 
 class MaskedLoRA:
@@ -138,20 +137,27 @@ class MaskedLoRA:
         self.peft_model.unload()
 
     @torch.no_grad()
-    def merge(self) -> Restore:
-        """Fold the update into the base weights and remove the adapters."""
+    def to_delta(self) -> NeuronDelta:
+        """The trained update as value-vector changes; removes the adapters."""
         deltas = self.delta()
         self._unload()
-        union = self.mask.union()
-        saved = []
-        for layer, d in deltas.items():
-            module = self.model.get_submodule(self.arch.mlp_out_name(layer))
-            dim = neuron_dim(module)
-            index = torch.tensor(union[layer], device=module.weight.device)
-            saved.append((module.weight, dim, index, module.weight.index_select(dim, index).clone()))
-            # Only the located neurons' slices are written; d is exactly zero elsewhere.
-            module.weight.index_copy_(dim, index, (module.weight + d.to(module.weight.dtype)).index_select(dim, index))
-        return Restore(saved)
+        dims = {layer: neuron_dim(self.model.get_submodule(self.arch.mlp_out_name(layer))) for layer in deltas}
+        return NeuronDelta.from_weight_deltas(deltas, self.mask.union(), dims)
+
+    def merge(self) -> Restore:
+        """Fold the update into the base weights and remove the adapters."""
+        return self.to_delta().merge_into(self.model, self.arch)
+
+    def finish(self) -> Restore | OnTop:
+        """Remove the adapters and apply the update as ``cfg.apply`` says; the result undoes it."""
+        delta = self.to_delta()
+        mode = self.cfg.apply
+        if mode == "auto":
+            writable = all(can_write_in_place(self.model.get_submodule(self.arch.mlp_out_name(l))) for l in delta.layers)
+            mode = "merge" if writable else "on_top"
+        if mode == "merge":
+            return delta.merge_into(self.model, self.arch)
+        return delta.apply_on_top(self.model, self.arch)
 
     def discard(self) -> None:
         """Remove the adapters without touching the base weights."""

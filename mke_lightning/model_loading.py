@@ -44,12 +44,20 @@ class ModelConfig:
     """Override or add module-name templates: ``{layers: ..., mlp_out: ...}`` (see architectures.py)."""
     cache_dir: str | None = None
     """Where the embedded default's converted copy is kept (default: ``$MKE_CACHE_DIR`` or ``~/.cache/mke-lightning``)."""
+    load_in_8bit: bool = False
+    """Quantise the linear layers to int8 with bitsandbytes (CPU or CUDA); other modules keep ``dtype``.
+    Edits are then applied on top of the int8 weights, never written into them."""
+    random_init: bool = False
+    """Build the architecture from the folder's ``config.json`` with random weights (speed and memory
+    benchmarks of large architectures; nothing is read but the config and the tokenizer)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if not self.name_or_path:
             raise ValueError("model.name_or_path is empty")
+        if self.load_in_8bit and self.random_init:
+            raise ValueError("model.load_in_8bit and model.random_init exclude each other")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -105,15 +113,33 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     return cfg.name_or_path
 
 
-def load_causal_lm(cfg: ModelConfig) -> tuple[Any, Any, ArchSpec]:
-    """Load ``(model, tokenizer, arch)`` in eval mode; parameters keep requires_grad off."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_causal_lm(cfg: ModelConfig, device: str | torch.device | None = None) -> tuple[Any, Any, ArchSpec]:
+    """Load ``(model, tokenizer, arch)`` in eval mode; parameters keep requires_grad off.
+
+    ``device``: where to build the weights (default: CPU; the strategy moves the
+    model later). An 8-bit model is quantised where it is placed, so it is
+    loaded straight onto ``device``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(cfg)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=cfg.torch_dtype, trust_remote_code=cfg.trust_remote_code)
+    kwargs: dict[str, Any] = {"dtype": cfg.torch_dtype, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.random_init:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        with torch.device(device or "cpu"):
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+    else:
+        if cfg.load_in_8bit:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+            kwargs["device_map"] = {"": str(device or "cpu")}
+        elif device is not None and torch.device(device).type != "cpu":
+            kwargs["device_map"] = {"": str(device)}
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.eval()
     model.requires_grad_(False)
     arch = resolve_arch(model.config.model_type, cfg.architecture)

@@ -1,0 +1,144 @@
+"""An edit as the change of a few value vectors, merged or applied on top.
+
+A trained masked update changes only the value vectors of located neurons:
+for layer ``l`` with neuron indices ``idx`` (``[n]``) the change is
+``values`` (``[n, d_model]``, row ``j`` = the update of neuron ``idx[j]``'s
+value vector). That is the whole edit, whatever produced it.
+
+It reaches the model in one of two ways:
+
+- **merged** (:meth:`NeuronDelta.merge_into`): the value vectors are written
+  into the output projection's weight in place; the returned
+  :class:`Restore` puts the original values back bit for bit;
+- **on top** (:meth:`NeuronDelta.apply_on_top`): a forward hook on the output
+  projection adds ``x[..., idx] @ values`` to its output (``x`` = the
+  projection's input, i.e. the neuron activations). Nothing in the weights
+  changes, so it works where they cannot be written: int8 weights, or weights
+  partitioned across ranks. Calling the returned handle removes the hooks.
+
+Both give the same function of the input (up to rounding of the weight dtype).
+:meth:`save` / :meth:`load` keep a delta as safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mke_lightning.architectures import ArchSpec, neuron_dim
+
+
+@dataclass
+class Restore:
+    """Original values of the touched value vectors, to undo a merged edit exactly."""
+
+    saved: list[tuple[nn.Parameter, int, torch.Tensor, torch.Tensor]]  # (weight, dim, index, original slice)
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        for weight, dim, index, original in self.saved:
+            weight.index_copy_(dim, index, original)
+
+
+@dataclass
+class OnTop:
+    """Forward hooks that add an edit on top of unchanged weights; call to remove them."""
+
+    handles: list = field(default_factory=list)
+
+    def __call__(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def can_write_in_place(module: nn.Module) -> bool:
+    """Whether the projection's weight is a full floating-point tensor here (not int8, not a shard)."""
+    w = getattr(module, "weight", None)
+    if w is None or not torch.is_floating_point(w) or hasattr(w, "ds_id"):
+        return False
+    return w.dim() == 2 and w.numel() > 0
+
+
+@dataclass
+class NeuronDelta:
+    """Per layer: located neuron indices ``[n]`` and their value-vector updates ``[n, d_model]``."""
+
+    layers: dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+    @classmethod
+    def from_weight_deltas(cls, deltas: dict[int, torch.Tensor], neurons: dict[int, list[int]], dims: dict[int, int]) -> "NeuronDelta":
+        """Keep only the located neurons' slices of full weight-shaped deltas (``dims``: neuron dim per layer)."""
+        out = {}
+        for layer, d in deltas.items():
+            idx = torch.tensor(sorted(neurons[layer]), dtype=torch.long, device=d.device)
+            values = d.index_select(dims[layer], idx)  # [n, d_model] (Conv1D) or [d_model, n] (Linear)
+            out[layer] = (idx, values if dims[layer] == 0 else values.T.contiguous())
+        return cls(out)
+
+    def count(self) -> int:
+        return sum(int(idx.numel()) for idx, _ in self.layers.values())
+
+    @torch.no_grad()
+    def merge_into(self, model: nn.Module, arch: ArchSpec) -> Restore:
+        """Write the updates into the weights; the result undoes it exactly."""
+        saved = []
+        for layer, (idx, values) in self.layers.items():
+            module = model.get_submodule(arch.mlp_out_name(layer))
+            if not can_write_in_place(module):
+                raise ValueError(
+                    f"layer {layer}: the weight of {arch.mlp_out_name(layer)} cannot be written in place "
+                    "(int8 or partitioned); apply the edit on top instead (lora.apply: on_top)"
+                )
+            w = module.weight
+            dim = neuron_dim(module)
+            index = idx.to(w.device)
+            original = w.index_select(dim, index).clone()
+            upd = values.to(device=w.device, dtype=torch.float32)
+            upd = upd if dim == 0 else upd.T  # laid out like the weight's slice
+            saved.append((w, dim, index, original))
+            w.index_copy_(dim, index, (original.float() + upd).to(w.dtype))
+        return Restore(saved)
+
+    def apply_on_top(self, model: nn.Module, arch: ArchSpec) -> OnTop:
+        """Add the updates through forward hooks on the output projections."""
+        hooks = OnTop()
+        for layer, (idx, values) in self.layers.items():
+            module = model.get_submodule(arch.mlp_out_name(layer))
+            hooks.handles.append(module.register_forward_hook(_adder(idx, values)))
+        return hooks
+
+    def save(self, path: str | Path, metadata: dict | None = None) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for layer, (idx, values) in self.layers.items():
+            tensors[f"{layer}.index"] = idx.cpu().contiguous()
+            tensors[f"{layer}.values"] = values.detach().float().cpu().contiguous()
+        save_file(tensors, str(path), metadata={"mke": json.dumps(metadata or {})})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "NeuronDelta":
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        layers = {int(k.split(".")[0]) for k in tensors}
+        return cls({l: (tensors[f"{l}.index"], tensors[f"{l}.values"]) for l in sorted(layers)})
+
+
+def _adder(idx: torch.Tensor, values: torch.Tensor):
+    cache: dict = {}
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]  # [..., d_ff] neuron activations
+        key = (x.device, output.dtype)
+        if key not in cache:
+            cache[key] = (idx.to(x.device), values.to(device=x.device, dtype=output.dtype))
+        i, v = cache[key]
+        return output + x.index_select(-1, i).to(output.dtype) @ v  # [..., n] @ [n, d_model]
+
+    return hook
