@@ -25,9 +25,33 @@ from mke_lightning.records import EditRecord, RecordError, is_language_code
 FORMATS = ("demo", "auto", *formats.FORMATS)
 
 
-def collate_records(batch: list[EditRecord]) -> list[EditRecord]:
-    """Keep a batch as the list of records (module level, so it pickles)."""
-    return list(batch)
+class EditBatch:
+    """The records of one batch, in order (indexable, iterable, sized).
+
+    A plain container, neither a list nor a dataclass, so that Lightning's
+    precision plugins, which walk a batch to cast its floating-point tensors,
+    pass the text records through untouched.
+    """
+
+    def __init__(self, records) -> None:
+        self.records: list[EditRecord] = list(records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i):
+        return self.records[i]
+
+    def __iter__(self):
+        return iter(self.records)
+
+    def __repr__(self) -> str:
+        return f"EditBatch({[r.id for r in self.records]})"
+
+
+def collate_records(batch: list[EditRecord]) -> EditBatch:
+    """A batch of records (module level, so it pickles)."""
+    return EditBatch(batch)
 
 
 class RecordList(Sequence[EditRecord]):
