@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mke_lightning.data import EditDataModule, demo_records, read_jsonl, read_mzsre
+from mke_lightning.data.datamodule import EditBatch
 from mke_lightning.records import EditRecord, LanguageFacts, Probe, RecordError
 
 MZSRE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mzsre"
@@ -399,7 +400,7 @@ def test_datamodule_dataloaders_yield_record_lists(six_records: Path) -> None:
     for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
         batches = list(loader)
         assert [len(b) for b in batches] == [2, 2, 1]
-        assert all(isinstance(b, list) and all(isinstance(r, EditRecord) for r in b) for b in batches)
+        assert all(isinstance(b, EditBatch) and all(isinstance(r, EditRecord) for r in b) for b in batches)
         assert [r.id for b in batches for r in b] == ["r0", "r1", "r2", "r3", "r4"]
 
 
