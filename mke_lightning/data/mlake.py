@@ -52,7 +52,7 @@ def dataset_folder(path: str | os.PathLike[str]) -> Path | None:
 
 
 class MlakeParser(Parser):
-    """MLaKE records in ``languages`` (default all five, sorted)."""
+    """MLaKE records in ``languages`` (default: every language with a single-hop file, sorted)."""
 
     def __init__(self, path: str | os.PathLike[str], languages: list[str] | None = None) -> None:
         self.name = os.fspath(path)
@@ -60,10 +60,13 @@ class MlakeParser(Parser):
         if folder is None:
             raise RecordError(f"MLaKE path {self.name!r} holds no single_hop/ and multi_hop/ folders (nor dataset/ with them)")
         self.folder = folder
-        self.languages = list(dict.fromkeys(languages or LANGUAGES))
-        unknown = [lang for lang in self.languages if lang not in LANGUAGES]
+        available = [lang for lang in LANGUAGES if (folder / "single_hop" / f"{lang}_qa.json").is_file()]
+        if LINK_LANGUAGE not in available:
+            raise RecordError(f"MLaKE folder {str(folder)!r} lacks single_hop/{LINK_LANGUAGE}_qa.json, which the multi-hop questions link to")
+        self.languages = list(dict.fromkeys(languages or available))
+        unknown = [lang for lang in self.languages if lang not in available]
         if unknown:
-            raise RecordError(f"language(s) {unknown} not in MLaKE (it has {list(LANGUAGES)})", source=self.name)
+            raise RecordError(f"language(s) {unknown} not in MLaKE folder {str(folder)!r} (it has {available})", source=self.name)
         # English is always read: its e_prompt is the key multi-hop questions link by.
         order = list(dict.fromkeys([LINK_LANGUAGE, *self.languages]))
         self.files = tuple(ItemFile(folder / "single_hop" / f"{lang}_qa.json", "array") for lang in order)

@@ -22,6 +22,8 @@ from mke_lightning.records import RecordError
 CHUNK = 1 << 20  # bytes read at a time while scanning a JSON array
 _BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark some editors write
 _SPACE = re.compile(r"[ \t\r\n]*")
+_AFTER_NUMBER = frozenset(",] \t\r\n")
+_CUT_MARGIN = 16  # characters: longer than any JSON token that can be cut (an escaped surrogate pair is 12)
 
 
 class BadItem:
@@ -131,6 +133,7 @@ class ItemFile:
             else:
                 while True:
                     index = len(self.starts)
+                    cur.peek()  # to the item's first character
                     start, line = cur.byte, cur.line
                     value = cur.value(index)
                     self._add(start, cur.byte, line)
@@ -216,13 +219,17 @@ class _Cursor:
             try:
                 value, end = decoder.raw_decode(self.text, self.pos)
             except json.JSONDecodeError as exc:
-                # Ran into the end of the text read so far: read on and retry.
-                cut_short = exc.pos >= len(self.text) - 1 or exc.msg.startswith("Unterminated string")
+                # A fault within the last few characters read (a cut "\u00e9"
+                # escape, "1." ...) or an open string may just be the chunk end:
+                # read on and retry. Elsewhere, the fault is in the file.
+                cut_short = exc.pos >= len(self.text) - _CUT_MARGIN or exc.msg.startswith("Unterminated string")
                 if cut_short and self.fill():
                     continue
                 raise self.error(exc.msg, index, at=exc.pos) from None
-            if end == len(self.text) and self.fill():
-                continue  # a number may go on in the next chunk
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                # A number cut by the chunk end ("1e" + "5") decodes short: read on.
+                if (end == len(self.text) or self.text[end] not in _AFTER_NUMBER) and self.fill():
+                    continue
             self.advance(end)
             return value
 
