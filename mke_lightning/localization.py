@@ -54,6 +54,8 @@ class LocalizationConfig:
     """Optional cap on neurons per layer and category (highest scores kept)."""
     use_paraphrases: bool = True
     """Attribute the paraphrases as well as the edit prompt."""
+    max_paraphrases: int | None = None
+    """Paraphrases per language attributed, the first ones (null: all)."""
 
     def __post_init__(self) -> None:
         if self.threshold is None and self.top_k is None:
@@ -72,9 +74,11 @@ class LocalizationConfig:
                 raise ValueError(f"localization.{name} must be in (0, 1], got {value}")
         if not self.cross_languages:
             raise ValueError("localization.cross_languages is empty")
+        if self.max_paraphrases is not None and self.max_paraphrases < 0:
+            raise ValueError(f"localization.max_paraphrases must be >= 0 or null, got {self.max_paraphrases}")
 
 
-def _old_answers(model, tokenizer, entries: list[tuple[list[int], str, str, str | None]]) -> list[list[int]]:
+def old_answers(model, tokenizer, entries: list[tuple[list[int], str, str, str | None]]) -> list[list[int]]:
     """Answer ids per (prompt ids, lang, target_new, target_true): the old target,
     or where there is none the model's own greedy answer (one batched call)."""
     answers: list[list[int] | None] = []
@@ -93,13 +97,11 @@ def _old_answers(model, tokenizer, entries: list[tuple[list[int], str, str, str 
     return answers
 
 
-def prompt_scores(model, tokenizer, arch: ArchSpec, prompts: list[tuple[list[int], list[int] | None]], cfg: AttributionConfig) -> torch.Tensor:
-    """Scores ``[P, L, d_ff]`` for (prompt ids, answer ids) pairs, summed over answer tokens.
+def answer_rows(model, tokenizer, prompts: list[tuple[list[int], list[int]]]) -> tuple[list[list[int]], list[int], list[int]]:
+    """One row per (prompt, answer token): ``(rows, target ids, prompt index)``.
 
-    With ``method: activation`` the answers are not used (pass ``None``)."""
-    if not cfg.needs_answer:
-        return attribute_rows(model, arch, [p for p, _ in prompts], None, cfg, pad_id=tokenizer.pad_token_id)
-    # The model's own greedy continuation feeds the later answer tokens.
+    For answer token j the row is the prompt followed by the model's own first
+    j greedy tokens (the authors' way of scoring multi-token answers)."""
     longest = max(len(ans) for _, ans in prompts)
     own = greedy_generate(model, tokenizer, [p for p, _ in prompts], max(longest - 1, 1), stop_at_eos=False)
     rows, targets, owner = [], [], []
@@ -108,12 +110,27 @@ def prompt_scores(model, tokenizer, arch: ArchSpec, prompts: list[tuple[list[int
             rows.append(list(p) + gen[:j])
             targets.append(tok)
             owner.append(k)
+    return rows, targets, owner
+
+
+def sum_per_prompt(scores: torch.Tensor, owner: list[int], n_prompts: int) -> torch.Tensor:
+    """Row scores ``[R, L, F]`` summed into their prompts: ``[P, L, F]``."""
+    owner_t = torch.tensor(owner, device=scores.device)
+    return torch.zeros((n_prompts, *scores.shape[1:]), device=scores.device).index_add_(0, owner_t, scores)
+
+
+def prompt_scores(model, tokenizer, arch: ArchSpec, prompts: list[tuple[list[int], list[int] | None]], cfg: AttributionConfig) -> torch.Tensor:
+    """Scores ``[P, L, d_ff]`` for (prompt ids, answer ids) pairs, summed over answer tokens.
+
+    With ``method: activation`` the answers are not used (pass ``None``)."""
+    if not cfg.needs_answer:
+        return attribute_rows(model, arch, [p for p, _ in prompts], None, cfg, pad_id=tokenizer.pad_token_id)
+    rows, targets, owner = answer_rows(model, tokenizer, prompts)
     scores = attribute_rows(
         model, arch, rows, targets, cfg, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
         skip_first=tokenizer.bos_token_id is not None,
     )  # [rows, L, F]
-    owner_t = torch.tensor(owner, device=scores.device)
-    return torch.zeros((len(prompts), *scores.shape[1:]), device=scores.device).index_add_(0, owner_t, scores)
+    return sum_per_prompt(scores, owner, len(prompts))
 
 
 def select(scores: torch.Tensor, cfg: LocalizationConfig) -> torch.Tensor:
@@ -151,18 +168,26 @@ def _check_languages(record: EditRecord, cfg: LocalizationConfig, edit_language:
     return list(dict.fromkeys([*cfg.cross_languages, edit_language]))
 
 
+def localisation_prompts(tokenizer, record: EditRecord, languages: list[str], cfg: LocalizationConfig) -> tuple[list[tuple[list[int], str, str, str | None]], list[str]]:
+    """``(entries, language of each)``; an entry is (prompt ids, language, target_new, target_true)."""
+    entries, lang_of = [], []
+    for lang in languages:
+        facts = record.facts(lang)
+        paraphrases = list(facts.paraphrases) if cfg.use_paraphrases else []
+        if cfg.max_paraphrases is not None:
+            paraphrases = paraphrases[: cfg.max_paraphrases]
+        for text in [facts.prompt, *paraphrases]:
+            entries.append((encode_prompt(tokenizer, join_prompt(text, "x", lang)[0]), lang, facts.target_new, facts.target_true))
+            lang_of.append(lang)
+    return entries, lang_of
+
+
 def locate(model, tokenizer, arch: ArchSpec, record: EditRecord, edit_language: str, cfg: LocalizationConfig) -> NeuronMask:
     """The neuron mask of one record: categories, plus each language's own set."""
     langs = _check_languages(record, cfg, edit_language)
-    entries, lang_of = [], []
-    for lang in langs:
-        facts = record.facts(lang)
-        texts = [facts.prompt, *(facts.paraphrases if cfg.use_paraphrases else ())]
-        for text in texts:
-            entries.append((encode_prompt(tokenizer, join_prompt(text, "x", lang)[0]), lang, facts.target_new, facts.target_true))
-            lang_of.append(lang)
+    entries, lang_of = localisation_prompts(tokenizer, record, langs, cfg)
     if cfg.attribution.needs_answer:
-        answers = _old_answers(model, tokenizer, entries)
+        answers = old_answers(model, tokenizer, entries)
     else:
         answers = [None] * len(entries)
     prompts = list(zip([e[0] for e in entries], answers))

@@ -1,0 +1,35 @@
+"""Localisation on the embedded Gemma 3 270M: batched == loop, and the cache (CPU, about 30 s)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mke_lightning.attribution import AttributionConfig, attribute_rows, attribute_rows_loop
+from mke_lightning.data import demo_records
+from mke_lightning.localization import LocalizationConfig
+from mke_lightning.localization_stage import localize_records
+from mke_lightning.neuron_cache import MaskCache, model_fingerprint
+from mke_lightning.scoring import encode_continuation, encode_prompt
+
+pytestmark = pytest.mark.real_model
+
+
+def test_real_model_batched_equals_loop_and_cache_round_trip(real_model, tmp_path):
+    model, tok, arch = real_model
+    rows = [encode_prompt(tok, "The Eiffel Tower is located in the city of"), encode_prompt(tok, "La tour Eiffel se trouve à")]
+    targets = [encode_continuation(tok, " Paris")[0]] * 2
+    cfg = AttributionConfig(steps=3)
+    batched = attribute_rows(model, arch, rows, targets, cfg, pad_id=tok.pad_token_id)
+    loop = attribute_rows_loop(model, arch, rows, targets, cfg)
+    assert batched.shape == (2, 18, 2048)
+    assert (batched - loop).abs().max() < 1e-4 * max(1.0, float(loop.abs().max()))
+
+    record = demo_records()[0]
+    loc = LocalizationConfig(attribution=AttributionConfig(steps=5), max_paraphrases=1)
+    cache = MaskCache(tmp_path, model_fingerprint(model, tok, arch), loc, "en")
+    first = localize_records(model, tok, arch, [record], "en", loc, cache=cache)
+    again = localize_records(model, tok, arch, [record], "en", loc, cache=cache)
+    assert first.computed == [record.id] and again.reused == [record.id]
+    mask = again.masks[record.id]
+    assert mask.same_neurons(first.masks[record.id]) and mask.count() > 0
+    assert set(mask.languages) == {"en", "zh", "fr"}
