@@ -99,14 +99,14 @@ def plot_summary(summary: dict[str, Any], folder: str | Path) -> list[Path]:
 
     langs = summary["languages"]
     matrix = summary["language_overlap_jaccard"]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(langs), 0.6 + 0.7 * len(langs)))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.4 + 0.8 * len(langs)), max(3.4, 1.0 + 0.8 * len(langs))))
     im = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
     ax.set_xticks(range(len(langs)), langs)
     ax.set_yticks(range(len(langs)), langs)
     for i in range(len(langs)):
         for j in range(len(langs)):
             ax.text(j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", color="white" if matrix[i][j] < 0.6 else "black", fontsize=9)
-    ax.set_title("Neuron-set overlap (Jaccard)", fontsize=10)
+    ax.set_title(f"Language neuron-set overlap\n(Jaccard, mean of {summary['records']} records)", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     heat = folder / "language_overlap.png"
