@@ -36,12 +36,12 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
 
-from mke_lightning.architectures import ArchSpec, mlp_out_modules, num_neurons, value_vectors
+from mke_lightning.architectures import ArchSpec, mlp_out_modules, num_neurons, value_vectors, weight_shape
 from mke_lightning.scoring import left_pad
 
 METHODS = ("integrated_gradients", "grad_x_act", "activation")
@@ -176,7 +176,7 @@ def rows_per_pass(model, arch: ArchSpec, width: int, cfg: AttributionConfig) -> 
     modules = mlp_out_modules(model, arch)
     d_ff = num_neurons(modules[0])
     d_model = value_vectors(modules[0]).shape[1]
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = weight_shape(model.get_output_embeddings())[0]
     elem = next(model.parameters()).element_size()
     positions = 1 if cfg.prefix_cache else width
     per_layer = positions * (10 * d_model + 6 * d_ff) * elem + 2 * d_ff * 4  # + the float32 IG leaf and its gradient
@@ -216,8 +216,8 @@ def attribute_rows(
     if cfg.method == "activation":
         return _capture(model, modules, ids, mask, pos, per_pass).abs()
     tgt = torch.tensor(targets, device=device)
-    if cfg.method == "grad_x_act":
-        return _grad_x_act(model, modules, ids, mask, pos, tgt, per_pass)
+    if cfg.method == "grad_x_act":  # full rows with gradients: every position is kept
+        return _grad_x_act(model, modules, ids, mask, pos, tgt, rows_per_pass(model, arch, ids.shape[1], replace(cfg, prefix_cache=False)))
 
     runner = _CachedRunner(model, ids, mask, pos) if cfg.prefix_cache else _FullRunner(model, ids, mask, pos)
     a = runner.capture(modules, per_pass)  # [N, L, F]
