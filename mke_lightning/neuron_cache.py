@@ -68,6 +68,8 @@ def model_fingerprint(model, tokenizer, arch: ArchSpec) -> str:
             h.update(f"{name}:empty".encode())
             continue
         flat = t.detach().reshape(-1)
+        if not torch.is_floating_point(flat):  # int8 weights, quantisation statistics
+            flat = flat.to(torch.float64)
         stride = max(1, flat.numel() // _SAMPLE)
         stats = torch.stack([flat.sum(dtype=torch.float64), torch.linalg.vector_norm(flat, dtype=torch.float64)])
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
