@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -157,7 +158,9 @@ def main() -> None:
                 model = args.int8_model or str(save_random_weights(folder, Path(tmp) / "weights"))
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--model", model,
                    "--log-dir", str(Path(tmp) / "runs"), "--edits", str(args.edits), "--tokenizer", args.tokenizer]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+            # A fresh cache per variant: no variant reuses another's located neurons.
+            env = dict(os.environ, MKE_CACHE_DIR=str(Path(tmp) / f"cache-{variant}"))
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if proc.returncode or not lines:
                 print(f"{variant}: FAILED (exit {proc.returncode})\n{proc.stderr[-4000:]}")

@@ -39,7 +39,7 @@ class EditEvaluation(L.Callback):
 
     def _setup(self, pl_module) -> EditEvaluator:
         check_module(pl_module, "EditEvaluation")
-        self.aggregator = ResultAggregator()
+        self.aggregator = ResultAggregator(pl_module.device)
         self.summary = None
         return EditEvaluator(pl_module.tokenizer, self.batch_rows)
 

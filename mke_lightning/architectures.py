@@ -98,8 +98,14 @@ def neuron_dim(module: nn.Module) -> int:
     raise TypeError(f"cannot tell the neuron dimension of {type(module).__name__}; expected nn.Linear or Conv1D")
 
 
+def weight_shape(module: nn.Module) -> torch.Size:
+    """The full shape of a module's weight, also where it is partitioned across ranks (DeepSpeed stage 3)."""
+    w = getattr(module, "base_layer", module).weight
+    return getattr(w, "ds_shape", w.shape)
+
+
 def num_neurons(module: nn.Module) -> int:
-    return module.weight.shape[neuron_dim(module)]
+    return weight_shape(module)[neuron_dim(module)]
 
 
 def value_vectors(module: nn.Module) -> torch.Tensor:

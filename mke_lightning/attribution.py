@@ -41,7 +41,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from mke_lightning.architectures import ArchSpec, mlp_out_modules, num_neurons, value_vectors, weight_shape
+from mke_lightning.architectures import ArchSpec, mlp_out_modules, neuron_dim, num_neurons, weight_shape
 from mke_lightning.scoring import left_pad
 
 METHODS = ("integrated_gradients", "grad_x_act", "activation")
@@ -175,7 +175,7 @@ def rows_per_pass(model, arch: ArchSpec, width: int, cfg: AttributionConfig) -> 
         return cfg.batch_rows
     modules = mlp_out_modules(model, arch)
     d_ff = num_neurons(modules[0])
-    d_model = value_vectors(modules[0]).shape[1]
+    d_model = weight_shape(modules[0])[1 - neuron_dim(modules[0])]
     vocab = weight_shape(model.get_output_embeddings())[0]
     elem = next(model.parameters()).element_size()
     positions = 1 if cfg.prefix_cache else width

@@ -113,9 +113,9 @@ class KnowledgeEditor(L.LightningModule):
         if self.causal_lm is not None:
             return
         strategy = self.trainer.strategy if self._trainer is not None else None
-        if getattr(strategy, "zero_stage_3", False) and not self.lm_config.random_init:
-            # transformers loads a checkpoint shard by shard into partitioned weights
-            # only while a DeepSpeed config object is alive.
+        if getattr(strategy, "zero_stage_3", False):
+            # transformers loads (or initialises) partitioned weights correctly only
+            # while a DeepSpeed config object is alive.
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_deepspeed = HfDeepSpeedConfig(strategy.config)

@@ -22,21 +22,22 @@ CSV_FIELDS = ("record_id", "edit_lang", "eval_lang", "group", "measure", "token_
 class ResultAggregator:
     """Means per (key, measure, protocol), where key is a language or a target group."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)  # where the metric states live (a process group syncs them there)
         self.metrics: dict[tuple[str, str, str, str], MeanMetric] = {}
         self.rows: list[dict] = []
 
     def _metric(self, kind: str, key: str, measure: str, protocol: str) -> MeanMetric:
         k = (kind, key, measure, protocol)
         if k not in self.metrics:
-            self.metrics[k] = MeanMetric()
+            self.metrics[k] = MeanMetric().to(self.device)
         return self.metrics[k]
 
     def update(self, rows: list[dict]) -> None:
         for row in rows:
             self.rows.append(row)
             for proto in PROTOCOLS:
-                value = torch.tensor(float(row[proto]))
+                value = torch.tensor(float(row[proto]), device=self.device)
                 self._metric("language", row["eval_lang"], row["measure"], proto).update(value)
                 self._metric("group", row["group"], row["measure"], proto).update(value)
                 self._metric("average", "all_languages", row["measure"], proto).update(value)
