@@ -12,7 +12,11 @@ The localisation protocol, for any LightningModule (ours or a user's):
   :class:`~mke_lightning.neurons.NeuronMask`); created when absent.
 
 The records come from the DataModule's ``records`` list; the edit language
-from its ``edit_language`` (else the module's, else ``en``).
+from its ``edit_language`` (else the module's, else ``en``), the evaluation
+languages from its ``eval_languages`` (else the edit language alone).
+
+The evaluation callback needs only the first two (the causal LM and the
+tokenizer): see :func:`model_and_tokenizer`.
 """
 
 from __future__ import annotations
@@ -31,8 +35,11 @@ def check_module(pl_module, who: str) -> None:
         )
 
 
-def causal_lm_of(pl_module, who: str) -> tuple[object, object, ArchSpec]:
-    """``(model, tokenizer, arch)`` of a module offering the localisation protocol."""
+def model_and_tokenizer(pl_module, who: str) -> tuple[object, object]:
+    """``(model, tokenizer)`` of a module offering ``causal_lm`` (or ``get_causal_lm()``) and ``tokenizer``.
+
+    All the evaluation callback needs; it never looks at ``arch`` or the masks.
+    """
     getter = getattr(pl_module, "get_causal_lm", None)
     model = getter() if callable(getter) else getattr(pl_module, "causal_lm", None)
     tokenizer = getattr(pl_module, "tokenizer", None)
@@ -48,9 +55,15 @@ def causal_lm_of(pl_module, who: str) -> tuple[object, object, ArchSpec]:
             f"{who} needs {type(pl_module).__name__} to offer {' and '.join(problems)}; "
             "see the protocol in mke_lightning.callbacks._protocol (docs/localization.md)"
         )
-    arch = getattr(pl_module, "arch", None) or resolve_arch(model.config.model_type)
     if tokenizer.pad_token_id is None:
         raise ValueError(f"{who}: the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the EOS token)")
+    return model, tokenizer
+
+
+def causal_lm_of(pl_module, who: str) -> tuple[object, object, ArchSpec]:
+    """``(model, tokenizer, arch)`` of a module offering the localisation protocol."""
+    model, tokenizer = model_and_tokenizer(pl_module, who)
+    arch = getattr(pl_module, "arch", None) or resolve_arch(model.config.model_type)
     return model, tokenizer, arch
 
 

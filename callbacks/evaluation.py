@@ -6,75 +6,199 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
 
-from mke_lightning.callbacks._protocol import check_module, run_languages
-from mke_lightning.evaluation import EditEvaluator, build_items, target_group
-from mke_lightning.report import ResultAggregator, format_table, write_reports
+from mke_lightning.aggregate import EvalAggregate
+from mke_lightning.callbacks._protocol import languages_of, model_and_tokenizer
+from mke_lightning.evaluation import MEASURES, EditEvaluator, build_items, target_group
+from mke_lightning.metrics import PROTOCOLS
+from mke_lightning.perplexity import PerplexityConfig, PerplexityProbe, load_sample, ratios
+from mke_lightning.report import format_table, legend, write_reports
+from mke_lightning.report_plots import plot_heatmap
 
 
 class EditEvaluation(L.Callback):
-    """Reliability, generality, locality and portability of every edit.
+    """Every measure of every edit, in every evaluation language, under every metric protocol.
 
     During fit, the pre-edit locality references are taken at batch start and
-    the edited model is scored at batch end (before the module restores it).
-    During validate/test, the unedited model is scored. At the end, a
-    per-language table is printed and ``results.json`` and ``edits.csv`` are
+    the edited model is scored at batch end (before the module restores it);
+    the perplexity of a multilingual text sample is measured once before any
+    edit and again after every ``perplexity.every_n_edits``-th edit. During
+    validate/test, the unedited model is scored. Per-edit figures go to the
+    Lightning loggers as they are computed, and the progress bar shows the
+    running reliability in the edit language. At the end, the aggregate
+    (synced across ranks) is printed as a table and ``results.json``,
+    ``edits.csv``, ``perplexity.csv`` and ``heatmap_<protocol>.png`` are
     written to the run's log dir (or ``output_dir``).
+
+    Works on any LightningModule that offers ``causal_lm`` (or
+    ``get_causal_lm()``) and ``tokenizer``, with a DataModule offering
+    ``records``, ``edit_language`` and ``eval_languages``
+    (:mod:`mke_lightning.callbacks._protocol`).
     """
 
-    def __init__(self, batch_rows: int = 32, output_dir: str | None = None, print_table: bool = True) -> None:
+    def __init__(
+        self,
+        measures: list[str] | None = None,
+        batch_rows: int = 32,
+        max_new_tokens: int = 24,
+        perplexity: PerplexityConfig | None = None,
+        output_dir: str | None = None,
+        print_table: bool = True,
+        table_protocols: list[str] | None = None,
+        log_protocols: list[str] | None = None,
+        plots: bool = True,
+        plot_protocols: list[str] | None = None,
+    ) -> None:
         """
         Args:
+            measures: which measures to evaluate (default all: reliability, generality, locality,
+                locality_gold, portability, multi_hop).
             batch_rows: teacher-forced rows per forward pass.
+            max_new_tokens: cap on the greedy generation length.
+            perplexity: downstream impact settings (text sample, languages, how often); default on.
             output_dir: where to write results (default: the trainer's log dir).
             print_table: print the per-language table at the end.
+            table_protocols: protocols shown in the printed table (default token_acc, gen_em).
+            log_protocols: protocols sent to the loggers per edit (default token_acc, gen_em).
+            plots: write the heatmap PNGs.
+            plot_protocols: one heatmap per protocol (default token_acc, gen_em).
         """
+        self.measures = tuple(measures or MEASURES)
+        unknown = set(self.measures) - set(MEASURES)
+        if unknown:
+            raise ValueError(f"EditEvaluation: unknown measures {sorted(unknown)}; choose from {list(MEASURES)}")
+        self.table_protocols = tuple(table_protocols or ("token_acc", "gen_em"))
+        self.log_protocols = tuple(log_protocols or ("token_acc", "gen_em"))
+        self.plot_protocols = tuple(plot_protocols or ("token_acc", "gen_em"))
+        for name, chosen in (("table_protocols", self.table_protocols), ("log_protocols", self.log_protocols),
+                             ("plot_protocols", self.plot_protocols)):
+            if set(chosen) - set(PROTOCOLS):
+                raise ValueError(f"EditEvaluation: {name} {sorted(set(chosen) - set(PROTOCOLS))} unknown; choose from {list(PROTOCOLS)}")
         self.batch_rows = batch_rows
+        self.max_new_tokens = max_new_tokens
+        self.perplexity = perplexity or PerplexityConfig()
         self.output_dir = output_dir
         self.print_table = print_table
-        self.aggregator = ResultAggregator()
+        self.plots = plots
+        self.aggregate: EvalAggregate | None = None
+        self.rows: list[dict] = []  # this rank's rows (all ranks' after the end of a stage)
+        self.perplexity_rows: list[dict] = []
+        self.ppl_pre: dict[str, float] = {}
         self.seconds: dict[str, float] = {}
         self.summary: dict | None = None
+        self.written: dict[str, Path] = {}
         self._pending: dict[str, tuple[list, dict]] = {}
+        self._probe: PerplexityProbe | None = None
+        self._position: dict[str, int] = {}
+        self._running: dict[str, list[float]] = {}
 
-    def _setup(self, pl_module) -> EditEvaluator:
-        check_module(pl_module, "EditEvaluation")
-        self.aggregator = ResultAggregator(pl_module.device)
-        self.summary = None
-        return EditEvaluator(pl_module.tokenizer, self.batch_rows)
+    # -- set-up -------------------------------------------------------------
+    def _setup(self, trainer, pl_module, stage: str) -> None:
+        model, tokenizer = model_and_tokenizer(pl_module, "EditEvaluation")
+        self.edit_lang, self.eval_langs = languages_of(trainer.datamodule, pl_module)
+        self.evaluator = EditEvaluator(tokenizer, self.batch_rows, self.max_new_tokens)
+        # The same states on every rank, whatever languages this rank's records have (see EvalAggregate).
+        self.aggregate = EvalAggregate(self.eval_langs, self.edit_lang).to(pl_module.device)
+        self.rows, self.perplexity_rows, self.seconds, self.summary, self.written = [], [], {}, None, {}
+        self._pending, self._running = {}, {"token_acc": [0.0, 0.0], "gen_em": [0.0, 0.0]}
+        self._probe, self.ppl_pre = None, {}
+        cfg = self.perplexity
+        if cfg.enabled:
+            sample = load_sample(cfg.path)
+            langs = cfg.languages or [l for l in self.eval_langs if l in sample]
+            if langs:
+                self._probe = PerplexityProbe(tokenizer, sample, langs, cfg)
+                start = time.perf_counter()
+                self.ppl_pre = self._probe.measure(model)  # once per run: every edit starts from this model
+                rank_zero_info(f"pre-edit perplexity ({time.perf_counter() - start:.1f} s): "
+                               + ", ".join(f"{l} {v:.1f}" for l, v in self.ppl_pre.items()))
+        all_records = getattr(trainer.datamodule, "all_records", None)
+        ids = getattr(all_records, "ids", None) if stage == "fit" else None
+        self._position = {rid: i for i, rid in enumerate(ids() if callable(ids) else (ids or []))}
 
-    def _score(self, trainer, pl_module, batch, use_pending: bool = False) -> None:
-        edit_lang, eval_langs = run_languages(trainer, pl_module)
+    # -- scoring --------------------------------------------------------------
+    def _references(self, pl_module, batch) -> None:
+        model, _ = model_and_tokenizer(pl_module, "EditEvaluation")
         for record in batch:
             start = time.perf_counter()
-            if use_pending:
-                items, refs = self._pending.pop(record.id)
-            else:
-                items = build_items(record, eval_langs)
-                refs = self.evaluator.references(pl_module.causal_lm, items)
-            rows = self.evaluator.score(pl_module.causal_lm, items, refs)
-            for row in rows:
-                row.update(record_id=record.id, edit_lang=edit_lang, group=target_group(record, edit_lang, row["eval_lang"]))
-            self.aggregator.update(rows)
-            self.seconds[record.id] = self.seconds.get(record.id, 0.0) + time.perf_counter() - start
-            rel = [r["token_acc"] for r in rows if r["measure"] == "reliability" and r["eval_lang"] == edit_lang]
-            if rel:
-                pl_module.log("eval/reliability", sum(rel) / len(rel), batch_size=1, prog_bar=True, on_step=True)
+            items = build_items(record, self.eval_langs, self.measures)
+            self._pending[record.id] = (items, self.evaluator.references(model, items))
+            self.seconds[record.id] = time.perf_counter() - start
+
+    def _score(self, pl_module, batch, edited: bool) -> None:
+        model, _ = model_and_tokenizer(pl_module, "EditEvaluation")
+        was_training = model.training
+        model.eval()
+        try:
+            for record in batch:
+                start = time.perf_counter()
+                if record.id in self._pending:
+                    items, refs = self._pending.pop(record.id)
+                else:
+                    items = build_items(record, self.eval_langs, self.measures)
+                    refs = self.evaluator.references(model, items)
+                rows = self.evaluator.score(model, items, refs)
+                for row in rows:
+                    row.update(record_id=record.id, edit_lang=self.edit_lang,
+                               group=target_group(record, self.edit_lang, row["eval_lang"]))
+                self.aggregate.update(rows, edits=1)
+                self.rows += rows
+                metrics = self._edit_metrics(rows)
+                if edited and self._probe is not None and self._measure_perplexity(record.id):
+                    post = self._probe.measure(model)
+                    r = ratios(post, self.ppl_pre)
+                    self.aggregate.update_perplexity(r)
+                    self.perplexity_rows += [{"record_id": record.id, "lang": l, "ppl_pre": round(self.ppl_pre[l], 4),
+                                              "ppl_post": round(post[l], 4), "ratio": round(v, 6)} for l, v in r.items()]
+                    metrics["eval/perplexity_ratio"] = sum(r.values()) / len(r)
+                self.seconds[record.id] = self.seconds.get(record.id, 0.0) + time.perf_counter() - start
+                pl_module.log_dict(metrics, batch_size=1, on_step=True, on_epoch=False)
+                pl_module.log_dict(self._running_reliability(rows), batch_size=1, on_step=True, on_epoch=False,
+                                   prog_bar=True, logger=False)
+        finally:
+            model.train(was_training)
+
+    def _measure_perplexity(self, record_id: str) -> bool:
+        n = self.perplexity.every_n_edits
+        position = self._position.get(record_id)
+        if position is None:  # no run order from the DataModule: this rank's order
+            position = len(self._position)
+            self._position[record_id] = position
+        return position % n == 0
+
+    def _edit_metrics(self, rows: list[dict]) -> dict[str, float]:
+        """This edit's means: edit language and the mean over the other languages, per measure and protocol."""
+        out: dict[str, float] = {}
+        for scope, keep in (("edit_lang", lambda r: r["eval_lang"] == self.edit_lang),
+                            ("other_langs", lambda r: r["eval_lang"] != self.edit_lang)):
+            for measure in self.measures:
+                for proto in self.log_protocols:
+                    values = [r[proto] for r in rows if r["measure"] == measure and keep(r) and r[proto] is not None]
+                    if values:
+                        out[f"eval/{scope}/{measure}/{proto}"] = sum(values) / len(values)
+        return out
+
+    def _running_reliability(self, rows: list[dict]) -> dict[str, float]:
+        """Running mean over this rank's edits of the edit-language reliability (progress bar)."""
+        for proto, acc in self._running.items():
+            values = [r[proto] for r in rows if r["measure"] == "reliability" and r["eval_lang"] == self.edit_lang]
+            if values:
+                acc[0] += sum(values) / len(values)
+                acc[1] += 1
+        return {f"rel_{'tok' if p == 'token_acc' else 'gen'}": a[0] / a[1] for p, a in self._running.items() if a[1]}
 
     # -- fit: score the edited model --------------------------------------
     def on_fit_start(self, trainer, pl_module) -> None:
-        self.evaluator = self._setup(pl_module)
+        self._setup(trainer, pl_module, "fit")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        _, eval_langs = run_languages(trainer, pl_module)
-        for record in batch:
-            start = time.perf_counter()
-            items = build_items(record, eval_langs)
-            self._pending[record.id] = (items, self.evaluator.references(pl_module.causal_lm, items))
-            self.seconds[record.id] = time.perf_counter() - start
+        self._references(pl_module, batch)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._score(trainer, pl_module, batch, use_pending=True)
+        self._score(pl_module, batch, edited=True)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._finish(trainer, pl_module, "edited")
@@ -82,43 +206,81 @@ class EditEvaluation(L.Callback):
     # -- validate / test: score the unedited model ---------------------------
     def on_validation_start(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking and trainer.state.fn != "fit":
-            self.evaluator = self._setup(pl_module)
+            self._setup(trainer, pl_module, "validate")
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if trainer.state.fn != "fit":
-            self._score(trainer, pl_module, batch)
+        if trainer.state.fn != "fit" and not trainer.sanity_checking:
+            self._score(pl_module, batch, edited=False)
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.state.fn != "fit":
+        if trainer.state.fn != "fit" and not trainer.sanity_checking:
             self._finish(trainer, pl_module, "unedited")
 
     def on_test_start(self, trainer, pl_module) -> None:
-        self.evaluator = self._setup(pl_module)
+        self._setup(trainer, pl_module, "test")
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._score(trainer, pl_module, batch)
+        self._score(pl_module, batch, edited=False)
 
     def on_test_end(self, trainer, pl_module) -> None:
         self._finish(trainer, pl_module, "unedited")
 
     # -- reporting ------------------------------------------------------------
     def _finish(self, trainer, pl_module, model_state: str) -> None:
-        if not self.aggregator.rows:
+        if self.aggregate is None:
             return
-        edit_lang, eval_langs = run_languages(trainer, pl_module)
-        self.summary = self.aggregator.compute()
-        out_dir = Path(self.output_dir or trainer.log_dir or ".")
+        summary = self.aggregate.compute()  # every rank takes part: the states are summed across ranks
+        summary["perplexity_pre"] = {l: round(v, 4) for l, v in self.ppl_pre.items()}
+        self.summary = summary
+        self.rows = _gather(self.rows)
+        self.perplexity_rows = _gather(self.perplexity_rows)
+        seconds = sorted(self.seconds.values())
+        if summary["edits"] == 0 or not trainer.is_global_zero:
+            return
         meta = {
             "model_state": model_state,
-            "model": getattr(getattr(pl_module, "lm_config", None), "name_or_path", type(pl_module.causal_lm).__name__),
-            "edit_language": edit_lang,
-            "eval_languages": eval_langs,
-            "records": len({r["record_id"] for r in self.aggregator.rows}),
+            "method": getattr(pl_module, "method_name", type(pl_module).__name__),
+            "model": getattr(getattr(pl_module, "lm_config", None), "name_or_path", None)
+                     or type(model_and_tokenizer(pl_module, "EditEvaluation")[0]).__name__,
+            "edit_language": self.edit_lang,
+            "eval_languages": self.eval_langs,
+            "records": summary["edits"],
+            "world_size": trainer.world_size,
+            "eval_seconds_per_edit_median_rank0": round(seconds[len(seconds) // 2], 3) if seconds else None,
+            "perplexity": {"every_n_edits": self.perplexity.every_n_edits, "texts_per_language": self.perplexity.texts_per_language,
+                           "max_tokens": self.perplexity.max_tokens, "sample": self.perplexity.path or "packaged"},
         }
-        if trainer.is_global_zero:
-            results, per_edit = write_reports(out_dir, self.summary, self.aggregator.rows, meta)
-            if self.print_table:
-                print(f"\n{model_state} model, edit language {edit_lang}, {meta['records']} edits "
-                      "(tok = token_acc, teacher forced; gen = gen_em, greedy generation)")
-                print(format_table(self.summary, eval_langs))
-                print(f"results: {results}\nper edit: {per_edit}")
+        out_dir = Path(self.output_dir or trainer.log_dir or ".")
+        self.written = write_reports(out_dir, summary, self.rows, meta, self.perplexity_rows)
+        if self.plots:
+            doc = {**meta, "results": summary}
+            for proto in self.plot_protocols:
+                self.written[f"heatmap_{proto}"] = plot_heatmap([(self.edit_lang, doc)], out_dir / f"heatmap_{proto}.png", proto)
+        for logger in trainer.loggers:
+            logger.log_metrics(_flatten(summary), step=trainer.global_step)
+        if self.print_table:
+            print(f"\n{model_state} model, edit language {self.edit_lang}, {meta['records']} edits ({legend(self.table_protocols)})")
+            print(format_table(summary, self.eval_langs, self.table_protocols))
+            print("\n".join(f"{name}: {path}" for name, path in self.written.items()))
+
+
+def _gather(rows: list[dict]) -> list[dict]:
+    """Every rank's rows, on every rank (one collective call; a no-op on one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows
+    parts: list[list[dict] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, rows)
+    return [r for part in parts for r in (part or [])]
+
+
+def _flatten(summary: dict) -> dict[str, float]:
+    """``final/<kind>/<key>/<measure>/<protocol>`` numbers for the loggers."""
+    out: dict[str, float] = {}
+    for kind in ("language", "group", "average"):
+        for key, block in summary.get(kind, {}).items():
+            for measure, cell in block.items():
+                for proto, value in cell.items():
+                    out[f"final/{kind}/{key}/{measure}/{proto}"] = float(value)
+    for lang, value in summary.get("perplexity_ratio", {}).items():
+        out[f"final/perplexity_ratio/{lang}"] = float(value)
+    return out

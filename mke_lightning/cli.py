@@ -1,11 +1,16 @@
 """The ``mke`` command: a LightningCLI over the editor and the edit data.
 
-Subcommands: Lightning's ``fit``, ``validate``, ``test``, ``predict``, and
+Subcommands: Lightning's ``fit``, ``validate``, ``test``, ``predict``,
 ``localize`` (only locate the neurons of the run's records, write the masks
-to the cache and the summary to the log dir; see docs/localization.md).
+to the cache and the summary to the log dir; see docs/localization.md), and
+``report RUN_DIR...`` (compare finished runs: a bar chart of methods,
+heatmaps and a table; see docs/evaluation.md). ``report`` reads files only,
+so it is plain argparse, not part of the LightningCLI.
 """
 
 from __future__ import annotations
+
+import sys
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -33,6 +38,12 @@ def cli_main(args: list[str] | None = None) -> MKECLI:
 
 def main() -> None:
     """Console entry point (``mke``): returns nothing, so the exit status is 0 on success."""
+    argv = sys.argv[1:]
+    if argv[:1] == ["report"]:
+        from mke_lightning.compare import report_main
+
+        report_main(argv[1:])
+        return
     cli_main()
 
 

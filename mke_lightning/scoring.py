@@ -95,11 +95,33 @@ def token_accuracy(logits: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     return hits.sum(-1).float() / batch.target_mask.sum(-1).clamp(min=1)
 
 
+@dataclass
+class TeacherForced:
+    """Per-row results of one teacher-forced pass."""
+
+    accuracy: torch.Tensor  # [B] share of target tokens the argmax predicts
+    predicted: list[list[int]]  # argmax token at each target position, per row
+    mean_logprob: torch.Tensor  # [B] mean log-probability of the target tokens
+
+
+def teacher_forced(logits: torch.Tensor, batch: PackedBatch) -> TeacherForced:
+    """Accuracy, argmax tokens and mean target log-probability from ``[B, K, V]`` logits."""
+    argmax = logits.argmax(-1)  # [B, K]
+    n = batch.target_mask.sum(-1)  # [B]
+    mean_lp = target_logprobs(logits, batch).sum(-1) / n.clamp(min=1)  # [B]
+    predicted = [row[len(row) - int(k):] for row, k in zip(argmax.tolist(), n.tolist())]
+    return TeacherForced(token_accuracy(logits, batch), predicted, mean_lp)
+
+
 @torch.no_grad()
-def greedy_generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_at_eos: bool = True) -> list[list[int]]:
+def greedy_generate(
+    model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_at_eos: bool = True, keep_end: bool = False
+) -> list[list[int]]:
     """Greedy continuations of all prompts in one batched ``generate`` call.
 
-    With ``stop_at_eos`` each continuation is cut at its first end token.
+    With ``stop_at_eos`` each continuation is cut at its first end token
+    (kept, as the last token, with ``keep_end``). Without it, end tokens are
+    suppressed until ``max_new_tokens`` tokens are generated.
     """
     pad_id = tokenizer.pad_token_id
     ids, mask, _ = left_pad(prompts, pad_id)
@@ -122,7 +144,8 @@ def greedy_generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_
     cleaned = []
     for row in new:
         cut = next((i for i, t in enumerate(row) if t in eos or t == pad_id), len(row))
-        cleaned.append(row[:cut])
+        ended = keep_end and cut < len(row) and row[cut] in eos
+        cleaned.append(row[: cut + 1] if ended else row[:cut])
     return cleaned
 
 

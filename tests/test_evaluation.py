@@ -1,32 +1,80 @@
-"""Metric protocols and aggregation, with expectations computed by hand."""
+"""Metric protocols, items and aggregation, with expectations computed by hand."""
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 
+import pytest
 import torch
 
-from mke_lightning.evaluation import build_items, normalize, starts_with_answer, target_group
+from mke_lightning.aggregate import EvalAggregate
+from mke_lightning.evaluation import EditEvaluator, build_items, target_group
+from mke_lightning.metrics import (
+    PROTOCOLS, exact_match, f1_scores, normalize, precision_recall, prefers_new, starts_with_answer, words,
+)
 from mke_lightning.records import record_from_dict
-from mke_lightning.report import ResultAggregator, format_table, write_reports
-from mke_lightning.scoring import pack, target_logprobs, token_accuracy
+from mke_lightning.report import format_table, write_reports
+from mke_lightning.scoring import pack, target_logprobs, teacher_forced, token_accuracy
 
 from conftest import toy_record
 
 
+# -- protocols on text -----------------------------------------------------------
 def test_normalize_and_prefix_match():
     assert normalize("  Rome, Italy! ") == "rome italy"
     assert normalize("ＲＯＭＥ") == "rome"  # NFKC folds full-width letters
     assert starts_with_answer("Rome, the capital", ("Rome",), "en")
     assert not starts_with_answer("Romeo and Juliet", ("Rome",), "en")  # word boundary
-    assert starts_with_answer("the Eternal City", ("Rome", "the eternal city"), "en")  # alias
     assert starts_with_answer("罗马是意大利的首都", ("罗马",), "zh")  # no word spaces in zh
     assert not starts_with_answer("", ("Rome",), "en")
 
 
+def test_aliases_count_for_gen_em():
+    answers = ("United Kingdom", "UK", "U.K.", "Great Britain")
+    assert starts_with_answer("the UK, of course", ("the UK",), "en")
+    assert starts_with_answer("UK and its", answers, "en")  # second alias
+    assert starts_with_answer("U.K.", answers, "en")  # punctuation normalised away: "u k"
+    assert starts_with_answer("great britain.", answers, "en")
+    assert not starts_with_answer("Ukraine", answers, "en")  # an alias is a prefix only at a word boundary
+    assert not starts_with_answer("France", answers, "en")
+    assert starts_with_answer("英国。", ("イギリス", "英国"), "ja")
+
+
+def test_exact_match_by_hand():
+    assert exact_match(" Paris.", "paris") == 1.0
+    assert exact_match("Paris France", "Paris") == 0.0
+    assert exact_match("", "Paris") == 0.0
+
+
+def test_f1_with_repeated_tokens_and_the_legacy_form():
+    # predicted "the the cat", gold "the cat sat": common = min(2,1) "the" + 1 "cat" = 2
+    # P = 2/3, R = 2/3, F1 = 2/3, P x R = 4/9
+    f1, legacy = f1_scores("the the cat", "the cat sat", "en")
+    assert f1 == pytest.approx(2 / 3) and legacy == pytest.approx(4 / 9)
+    # predicted "a a a a" vs gold "a b": common = 1; P = 1/4, R = 1/2; F1 = 2*(1/8)/(3/4) = 1/3; P x R = 1/8
+    f1, legacy = f1_scores("a a a a", "a b", "en")
+    assert f1 == pytest.approx(1 / 3) and legacy == pytest.approx(1 / 8)
+    assert precision_recall(["a", "a", "a", "a"], ["a", "b"]) == (0.25, 0.5)
+    assert f1_scores("New York City", "new york", "en") == pytest.approx((0.8, 2 / 3))  # P 2/3, R 1
+    assert f1_scores("Berlin", "Rome", "en") == (0.0, 0.0)
+    assert f1_scores("", "Rome", "en") == (0.0, 0.0)
+    assert f1_scores(" ", "", "en") == (1.0, 1.0)  # nothing said on both sides
+    # characters where words are not spaced: "北京市" vs "北京": P 2/3, R 1
+    assert words("北京 市", "zh") == ["北", "京", "市"]
+    assert f1_scores("北京市", "北京", "zh") == pytest.approx((0.8, 2 / 3))
+
+
+def test_prob_protocol():
+    assert prefers_new(-1.0, -2.0) == 1.0
+    assert prefers_new(-2.0, -1.0) == 0.0
+    assert prefers_new(-1.0, -1.0) == 0.0  # a tie is not a success
+
+
+# -- teacher forcing -------------------------------------------------------------
 def test_pack_aligns_targets_to_the_last_positions():
     b = pack([[1, 5, 6], [1, 7]], [[8, 9], [10]], pad_id=0)
-    # rows: prompt + target[:-1], left padded
     assert b.input_ids.tolist() == [[1, 5, 6, 8], [0, 0, 1, 7]]
     assert b.attention_mask.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
     assert b.position_ids.tolist() == [[0, 1, 2, 3], [0, 0, 0, 1]]
@@ -34,7 +82,7 @@ def test_pack_aligns_targets_to_the_last_positions():
     assert b.target_mask.tolist() == [[True, True], [False, True]]
 
 
-def test_token_accuracy_and_logprobs_by_hand():
+def test_token_accuracy_argmax_and_mean_logprob_by_hand():
     b = pack([[1, 2], [1, 3]], [[4, 5], [6]], pad_id=0)
     logits = torch.full((2, 2, 8), -5.0)
     logits[0, 0, 4] = 5.0  # row 0: first target token right
@@ -43,18 +91,38 @@ def test_token_accuracy_and_logprobs_by_hand():
     logits[1, 0, 2] = 9.0  # padding position: must not count
     assert token_accuracy(logits, b).tolist() == [0.5, 1.0]
     lp = target_logprobs(logits, b)
-    assert lp[1, 0] == 0.0  # no target there
-    expected = torch.log_softmax(logits[0, 1], -1)[5]
-    assert torch.isclose(lp[0, 1], expected)
+    assert lp[1, 0] == 0.0
+    out = teacher_forced(logits, b)
+    assert out.accuracy.tolist() == [0.5, 1.0]
+    assert out.predicted == [[4, 7], [6]]  # the padding position of row 1 is dropped
+    row0 = torch.log_softmax(logits[0], -1)
+    assert out.mean_logprob[0].item() == pytest.approx(((row0[0, 4] + row0[1, 5]) / 2).item())
+    assert out.mean_logprob[1].item() == pytest.approx(torch.log_softmax(logits[1, 1], -1)[6].item())
 
 
-def test_items_cover_every_measure_and_groups():
-    rec = record_from_dict(toy_record())
+# -- items ---------------------------------------------------------------------------
+def _with_multi_hop(rid: str = "toy-1") -> dict:
+    data = toy_record(rid)
+    data["languages"]["en"]["multi_hop"] = [{"prompt": "the country of the tower is", "answer": "italy", "aliases": ["rome"]}]
+    data["languages"]["en"]["target_new_aliases"] = ["roma"]
+    return data
+
+
+def test_items_cover_every_measure_aliases_old_targets_and_groups():
+    rec = record_from_dict(_with_multi_hop())
     items = build_items(rec, ["en", "fr"])
     measures = [(i.lang, i.measure) for i in items]
     for lang in ("en", "fr"):
         for m in ("reliability", "generality", "locality", "locality_gold", "portability"):
             assert (lang, m) in measures
+    assert ("en", "multi_hop") in measures and ("fr", "multi_hop") not in measures
+    rel = next(i for i in items if i.measure == "reliability" and i.lang == "en")
+    assert rel.answers == ("rome", "roma") and rel.old == "paris"
+    assert next(i for i in items if i.measure == "multi_hop").answers == ("italy", "rome")
+    assert all(i.old is None for i in items if i.measure not in ("reliability", "generality"))
+    assert [i.measure for i in build_items(rec, ["en"], ("reliability",))] == ["reliability"]
+    with pytest.raises(ValueError, match="unknown measures"):
+        build_items(rec, ["en"], ("reliablity",))
     assert target_group(rec, "en", "en") == "edit"
     assert target_group(rec, "en", "fr") == "identical"  # "rome" in both
     data = toy_record()
@@ -62,24 +130,127 @@ def test_items_cover_every_measure_and_groups():
     assert target_group(record_from_dict(data), "en", "fr") == "translated"
 
 
-def test_aggregator_means_tables_and_files(tmp_path):
-    rows = [
-        {"record_id": "a", "edit_lang": "en", "eval_lang": "en", "group": "edit", "measure": "reliability", "token_acc": 1.0, "gen_em": 1.0},
-        {"record_id": "b", "edit_lang": "en", "eval_lang": "en", "group": "edit", "measure": "reliability", "token_acc": 0.5, "gen_em": 0.0},
-        {"record_id": "a", "edit_lang": "en", "eval_lang": "fr", "group": "translated", "measure": "reliability", "token_acc": 0.25, "gen_em": 0.0},
-        {"record_id": "b", "edit_lang": "en", "eval_lang": "fr", "group": "identical", "measure": "reliability", "token_acc": 1.0, "gen_em": 1.0},
-    ]
-    agg = ResultAggregator()
-    agg.update(rows)
+# -- the evaluator on a tiny model ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(), AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+def test_every_row_carries_every_protocol(tiny):
+    model, tok = tiny
+    rec = record_from_dict(_with_multi_hop())
+    ev = EditEvaluator(tok)
+    items = build_items(rec, ["en", "fr", "de"])
+    rows = ev.score(model, items, ev.references(model, items))
+    assert len(rows) == len(items)
+    for row, item in zip(rows, items):
+        assert set(PROTOCOLS) <= set(row)
+        assert (row["prob"] is None) == (item.old is None)
+        for proto in PROTOCOLS:
+            assert row[proto] is None or 0.0 <= row[proto] <= 1.0
+    # prob = mean log-prob of the new target beats the old one's, recomputed here one row at a time
+    rel = next(i for i, it in enumerate(items) if it.measure == "reliability")
+    p_new = ev._teacher_forced(model, [ev._target(items[rel], "rome")])
+    p_old = ev._teacher_forced(model, [ev._target(items[rel], "paris")])
+    assert rows[rel]["prob"] == float(next(iter(p_new.values()))[2] > next(iter(p_old.values()))[2])
+
+
+def test_locality_agreement_with_the_pre_edit_model(tiny):
+    model, tok = tiny
+    rec = record_from_dict(toy_record())
+    ev = EditEvaluator(tok)
+    items = build_items(rec, ["en", "fr"], ("locality",))
+    refs = ev.references(model, items)
+    # the model left as it was agrees with itself under every protocol
+    for row in ev.score(model, items, refs):
+        assert (row["token_acc"], row["em"], row["f1"], row["gen_em"]) == (1.0, 1.0, 1.0, 1.0)
+    # a reference whose last token differs: token_acc (n-1)/n, no exact agreement
+    i = 0
+    ref = refs[i]
+    other = next(t for t in range(4, tok.vocab_size) if t != ref[-1])
+    changed = {**refs, i: ref[:-1] + [other]}
+    row = ev.score(model, items, changed)[i]
+    n = len(ref)
+    assert row["token_acc"] == pytest.approx((n - 1) / n)
+    assert row["em"] == 0.0 and row["gen_em"] == 0.0
+    with pytest.raises(ValueError, match="pre-edit reference"):
+        ev.score(model, items, {})
+
+
+def test_gen_em_counts_an_alias(tiny):
+    """The same item scored with and without the alias the model actually generates."""
+    from mke_lightning.evaluation import Item
+    from mke_lightning.scoring import encode_prompt, greedy_generate
+
+    model, tok = tiny
+    candidates = ["the tower is located in the city of", "honey is made by", "the capital of france is", "le ciel est", "der himmel ist"]
+    firsts = [tok.decode(g, skip_special_tokens=True).strip() for g in greedy_generate(model, tok, [encode_prompt(tok, p) for p in candidates], 1)]
+    prompt, first = next((p, f) for p, f in zip(candidates, firsts) if f and f != "<unk>")  # the tiny model's own greedy word
+    ev = EditEvaluator(tok)
+    wrong = next(w for w in ("rome", "paris") if w != first)
+    without = ev.score(model, [Item("en", "multi_hop", prompt, (wrong,))], {})[0]
+    with_alias = ev.score(model, [Item("en", "multi_hop", prompt, (wrong, first))], {})[0]
+    assert without["gen_em"] == 0.0 and with_alias["gen_em"] == 1.0
+
+
+# -- aggregation and files ------------------------------------------------------------
+ROWS = [
+    {"record_id": "a", "edit_lang": "en", "eval_lang": "en", "group": "edit", "measure": "reliability",
+     "token_acc": 1.0, "em": 1.0, "f1": 1.0, "f1_legacy": 1.0, "prob": 1.0, "gen_em": 1.0},
+    {"record_id": "b", "edit_lang": "en", "eval_lang": "en", "group": "edit", "measure": "reliability",
+     "token_acc": 0.5, "em": 0.0, "f1": 0.5, "f1_legacy": 0.25, "prob": None, "gen_em": 0.0},
+    {"record_id": "a", "edit_lang": "en", "eval_lang": "fr", "group": "translated", "measure": "reliability",
+     "token_acc": 0.25, "em": 0.0, "f1": 0.0, "f1_legacy": 0.0, "prob": 0.0, "gen_em": 0.0},
+    {"record_id": "b", "edit_lang": "en", "eval_lang": "fr", "group": "identical", "measure": "reliability",
+     "token_acc": 1.0, "em": 1.0, "f1": 1.0, "f1_legacy": 1.0, "prob": None, "gen_em": 1.0},
+    {"record_id": "a", "edit_lang": "en", "eval_lang": "fr", "group": "translated", "measure": "multi_hop",
+     "token_acc": 0.0, "em": 0.0, "f1": 0.0, "f1_legacy": 0.0, "prob": None, "gen_em": 1.0},
+]
+
+
+def test_aggregate_means_by_hand():
+    agg = EvalAggregate(["en", "fr", "de"], "en")
+    agg.update(ROWS[:2], edits=1)
+    agg.update(ROWS[2:], edits=1)
+    agg.update_perplexity({"en": 1.0, "fr": 1.5})
+    agg.update_perplexity({"en": 1.2})
     s = agg.compute()
-    assert s["language"]["en"]["reliability"] == {"token_acc": 0.75, "gen_em": 0.5}
+    assert s["language"]["en"]["reliability"] == {"token_acc": 0.75, "em": 0.5, "f1": 0.75, "f1_legacy": 0.625, "prob": 1.0, "gen_em": 0.5}
     assert s["language"]["fr"]["reliability"]["token_acc"] == 0.625
+    assert s["language"]["fr"]["reliability"]["prob"] == 0.0  # the row without an old target is not counted
+    assert "prob" not in s["language"]["fr"]["multi_hop"]
     assert s["average"]["non_edit_languages"]["reliability"]["token_acc"] == 0.625
     assert s["average"]["all_languages"]["reliability"]["token_acc"] == 0.6875
     assert s["group"]["translated"]["reliability"]["token_acc"] == 0.25
-    assert s["counts"]["fr"]["reliability"] == 2
+    assert s["counts"] == {"en": {"reliability": 2}, "fr": {"reliability": 2, "multi_hop": 1}}
+    assert "de" not in s["language"]  # a language without rows is left out, but its state exists
+    assert s["perplexity_ratio"] == {"en": 1.1, "fr": 1.5}
+    assert s["edits"] == 2
+    with pytest.raises(ValueError, match="not among the run's evaluation languages"):
+        agg.update([{**ROWS[0], "eval_lang": "ja"}])
+    with pytest.raises(ValueError, match="without repeats"):
+        EvalAggregate(["en", "en"], "en")
+
+
+def test_table_and_files(tmp_path):
+    agg = EvalAggregate(["en", "fr"], "en")
+    agg.update(ROWS, edits=2)
+    agg.update_perplexity({"en": 1.25, "fr": 1.0})
+    s = agg.compute()
     table = format_table(s, ["en", "fr"])
-    assert "0.750" in table and "[translated]" in table and "avg(all)" in table
-    results, per_edit = write_reports(tmp_path, s, rows, {"model": "x"})
-    assert json.loads(results.read_text())["results"]["language"]["en"]["reliability"]["gen_em"] == 0.5
-    assert len(per_edit.read_text().strip().splitlines()) == 1 + len(rows)
+    assert "rel/tok" in table and "mhop/gen" in table and "0.750" in table and "[translated]" in table
+    assert "ppl_ratio" in table and "1.250" in table
+    assert "f1PxR" in format_table(s, ["en", "fr"], ("f1", "f1_legacy"))
+    with pytest.raises(ValueError, match="unknown protocols"):
+        format_table(s, ["en"], ("f2",))
+    ppl = [{"record_id": "a", "lang": "en", "ppl_pre": 10.0, "ppl_post": 12.5, "ratio": 1.25}]
+    paths = write_reports(tmp_path, s, ROWS, {"model": "x", "edit_language": "en"}, ppl)
+    doc = json.loads(paths["results"].read_text())
+    assert doc["results"]["language"]["en"]["reliability"]["gen_em"] == 0.5
+    assert set(doc["metric_protocols"]) == set(PROTOCOLS)
+    with paths["edits"].open() as f:
+        read = list(csv.DictReader(f))
+    assert len(read) == len(ROWS) and read[1]["prob"] == "" and read[0]["f1_legacy"] == "1.0"
+    assert paths["perplexity"].read_text().splitlines()[1] == "a,en,10.0,12.5,1.25"

@@ -1,0 +1,88 @@
+"""``mke report RUN_DIR...``: compare the evaluation results of several runs.
+
+Reads each run's ``results.json`` and writes into ``--output``:
+
+* ``methods.png``: grouped bars, one per run, for each measure, in the edit
+  language and averaged over the non-edit languages (one column per protocol);
+* ``heatmap_<protocol>.png``: one row per run (its edit language x every
+  evaluation language), one panel per measure;
+* ``comparison.md``: the same figures as a Markdown table, with the mean
+  perplexity ratio where the run measured it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mke_lightning.evaluation import MEASURES
+from mke_lightning.metrics import PROTOCOLS
+from mke_lightning.report import read_results
+from mke_lightning.report_plots import plot_heatmap, plot_methods
+
+
+def run_label(doc: dict) -> str:
+    """``<method> (<edited|unedited>)``: the default name of a run in the charts."""
+    return f"{doc.get('method', 'run')} ({doc.get('model_state', '?')})"
+
+
+def comparison_table(runs: list[tuple[str, dict]], protocols: tuple[str, ...]) -> str:
+    """Markdown: one row per run and view (edit language, non-edit mean); one column per measure/protocol."""
+    measures = [m for m in MEASURES if any(m in d["results"].get("average", {}).get("all_languages", {}) for _, d in runs)]
+    head = ["run", "edit lang", "view"] + [f"{m} ({p})" for m in measures for p in protocols] + ["ppl ratio (mean)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, doc in runs:
+        res = doc["results"]
+        ppl = res.get("perplexity_ratio", {})
+        ppl_mean = f"{sum(ppl.values()) / len(ppl):.3f}" if ppl else "-"
+        edit = doc.get("edit_language", "")
+        for view, block in ((edit, res["language"].get(edit, {})),
+                            ("non-edit mean", res.get("average", {}).get("non_edit_languages", {}))):
+            cells = [f"{block[m][p]:.3f}" if p in block.get(m, {}) else "-" for m in measures for p in protocols]
+            lines.append("| " + " | ".join([label, edit, view, *cells, ppl_mean]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare_runs(run_dirs: list[str], output: str | Path, labels: list[str] | None = None,
+                 protocols: tuple[str, ...] = ("token_acc", "gen_em")) -> dict[str, Path]:
+    """Write the comparison files for ``run_dirs``; returns their paths by name."""
+    if not run_dirs:
+        raise ValueError("mke report needs at least one run dir")
+    if set(protocols) - set(PROTOCOLS):
+        raise ValueError(f"unknown protocols {sorted(set(protocols) - set(PROTOCOLS))}; choose from {list(PROTOCOLS)}")
+    docs = [read_results(d) for d in run_dirs]
+    if labels and len(labels) != len(docs):
+        raise ValueError(f"--labels gives {len(labels)} names for {len(docs)} runs")
+    names = list(labels) if labels else [run_label(d) for d in docs]
+    if not labels:  # the same method twice: tell the runs apart by their folder
+        for i, name in enumerate(names):
+            if names.count(name) > 1:
+                names[i] = f"{name} {Path(docs[i]['_path']).parent.name}"
+    runs = list(zip(names, docs))
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {"methods": plot_methods(runs, out / "methods.png", protocols)}
+    rows = [(f"{d.get('edit_language', '?')}: {name}" if len(runs) > 1 else d.get("edit_language", "?"), d) for name, d in runs]
+    for proto in protocols:
+        written[f"heatmap_{proto}"] = plot_heatmap(rows, out / f"heatmap_{proto}.png", proto)
+    written["table"] = out / "comparison.md"
+    written["table"].write_text(comparison_table(runs, protocols), encoding="utf-8")
+    return written
+
+
+def report_main(args: list[str] | None = None) -> dict[str, Path]:
+    """``mke report RUN_DIR... [--output DIR] [--labels NAME...] [--protocols P...]``."""
+    parser = argparse.ArgumentParser(prog="mke report", description="Compare the evaluation results of several runs.")
+    parser.add_argument("runs", nargs="+", help="run log dirs (each holding one results.json) or results.json files")
+    parser.add_argument("--output", "-o", default="report", help="folder for methods.png, heatmaps and comparison.md (default: report)")
+    parser.add_argument("--labels", nargs="+", default=None, help="a name per run for the charts (default: method and model state)")
+    parser.add_argument("--protocols", nargs="+", default=["token_acc", "gen_em"], choices=list(PROTOCOLS),
+                        help="metric protocols to chart (default: token_acc gen_em)")
+    ns = parser.parse_args(args)
+    try:
+        written = compare_runs(ns.runs, ns.output, ns.labels, tuple(ns.protocols))
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    print(Path(written["table"]).read_text(encoding="utf-8"))
+    print("\n".join(f"{name}: {path}" for name, path in written.items()))
+    return written
