@@ -65,8 +65,8 @@ class EvalAggregate(Metric):
 
     def update(self, rows: list[dict], edits: int = 0) -> None:  # type: ignore[override]
         """Add evaluation rows (``eval_lang``, ``group``, ``measure`` and one value per protocol; ``None`` = n/a)."""
-        sums = torch.zeros_like(self.sums)
-        counts = torch.zeros_like(self.counts)
+        sums = torch.zeros(self.sums.shape, dtype=torch.float64)  # filled on the CPU, added to the state once
+        counts = torch.zeros(self.counts.shape, dtype=torch.float64)
         for row in rows:
             m = self.measures.index(row["measure"])
             slots = [self._slot(row["eval_lang"], "language"), self.slots.index(row["group"]), self._slot("all_languages", "")]
@@ -79,8 +79,8 @@ class EvalAggregate(Metric):
                 for s in slots:
                     sums[s, m, p] += float(value)
                     counts[s, m, p] += 1
-        self.sums += sums
-        self.counts += counts
+        self.sums += sums.to(self.sums.device)
+        self.counts += counts.to(self.counts.device)
         self.edits += edits
 
     def update_perplexity(self, ratios: dict[str, float]) -> None:

@@ -104,11 +104,12 @@ class PerplexityProbe:
         for s in range(0, len(self.rows), per_pass):
             ids, mask, pos = left_pad(self.rows[s:s + per_pass], self.pad_id)  # [B, T] each
             ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits  # [B, T, V]
-            logp = torch.log_softmax(logits[:, :-1].float(), -1)  # [B, T-1, V] predicts ids[:, 1:]
-            picked = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [B, T-1]
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, :-1]  # [B, T-1, V]
+            # NLL = logsumexp - logit of the next token; no [B, T-1, V] log-softmax copy
+            picked = logits.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).float()  # [B, T-1]
+            token_nll = torch.logsumexp(logits.float(), -1) - picked  # [B, T-1]
             valid = (mask[:, :-1] * mask[:, 1:]).bool()  # a real token predicting a real token
-            row_nll = -(picked * valid).sum(-1).double().cpu()  # [B]
+            row_nll = (token_nll * valid).sum(-1).double().cpu()  # [B]
             for b, lang in enumerate(self.lang_of_row[s:s + per_pass]):
                 nll[lang] += row_nll[b]
                 tokens[lang] += valid[b].sum().item()

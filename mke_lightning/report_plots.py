@@ -52,16 +52,21 @@ def plot_heatmap(rows: list[tuple[str, dict]], path: str | Path, protocol: str =
     if not measures:
         raise ValueError(f"no results under protocol {protocol!r} to plot")
     langs = list(dict.fromkeys(l for d in docs for l in d.get("eval_languages") or d["results"]["language"]))
-    fig, axes = plt.subplots(1, len(measures), figsize=(max(_PANEL_INCH, 0.45 * len(langs) + 1.2) * len(measures), 0.5 * len(rows) + 1.8),
-                             squeeze=False)
-    for ax, measure in zip(axes[0], measures):
+    ncols = min(3, len(measures))
+    nrows = -(-len(measures) // ncols)
+    panel_w, panel_h = 0.5 * len(langs) + 1.3, 0.42 * len(rows) + 1.3
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_w * ncols + 1.0, panel_h * nrows + 0.5), squeeze=False)
+    for ax in axes.flat[len(measures):]:
+        ax.set_visible(False)
+    image = None
+    for ax, measure in zip(axes.flat, measures):
         grid = np.full((len(rows), len(langs)), np.nan)
         for r, doc in enumerate(docs):
             for c, lang in enumerate(langs):
                 value = doc["results"]["language"].get(lang, {}).get(measure, {}).get(protocol)
                 if value is not None:
                     grid[r, c] = value
-        ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis")
         for r in range(len(rows)):
             for c in range(len(langs)):
                 if not np.isnan(grid[r, c]):
@@ -70,13 +75,13 @@ def plot_heatmap(rows: list[tuple[str, dict]], path: str | Path, protocol: str =
         ax.set_xticks(range(len(langs)), langs, fontsize=8)
         ax.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=8)
         ax.set_xlabel("evaluation language", fontsize=8)
+        ax.set_ylabel("edit language", fontsize=8)
         ax.set_title(measure, fontsize=9)
-    axes[0][0].set_ylabel("edit language", fontsize=8)
+    fig.colorbar(image, ax=list(axes.flat[:len(measures)]), shrink=0.8, label=protocol)
     fig.suptitle(f"protocol: {protocol}", fontsize=9)
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
