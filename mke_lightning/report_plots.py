@@ -55,11 +55,13 @@ def plot_heatmap(rows: list[tuple[str, dict]], path: str | Path, protocol: str =
     ncols = min(3, len(measures))
     nrows = -(-len(measures) // ncols)
     panel_w, panel_h = 0.5 * len(langs) + 1.3, 0.42 * len(rows) + 1.3
-    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_w * ncols + 1.0, panel_h * nrows + 0.5), squeeze=False)
+    label_w = 0.07 * max(len(label) for label, _ in rows) + 0.4  # row labels sit left of the first column only
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_w * ncols + label_w + 1.0, panel_h * nrows + 0.5), squeeze=False)
     for ax in axes.flat[len(measures):]:
         ax.set_visible(False)
     image = None
-    for ax, measure in zip(axes.flat, measures):
+    for k, (ax, measure) in enumerate(zip(axes.flat, measures)):
+        first_column = k % ncols == 0
         grid = np.full((len(rows), len(langs)), np.nan)
         for r, doc in enumerate(docs):
             for c, lang in enumerate(langs):
@@ -73,9 +75,10 @@ def plot_heatmap(rows: list[tuple[str, dict]], path: str | Path, protocol: str =
                     ax.text(c, r, f"{grid[r, c]:.2f}", ha="center", va="center", fontsize=7,
                             color="black" if grid[r, c] > 0.6 else "white")
         ax.set_xticks(range(len(langs)), langs, fontsize=8)
-        ax.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=8)
+        ax.set_yticks(range(len(rows)), [label for label, _ in rows] if first_column else [], fontsize=8)
         ax.set_xlabel("evaluation language", fontsize=8)
-        ax.set_ylabel("edit language", fontsize=8)
+        if first_column:
+            ax.set_ylabel("edit language", fontsize=8)
         ax.set_title(measure, fontsize=9)
     fig.colorbar(image, ax=list(axes.flat[:len(measures)]), shrink=0.8, label=protocol)
     fig.suptitle(f"protocol: {protocol}", fontsize=9)
