@@ -220,6 +220,8 @@ class KnowledgeEditor(L.LightningModule):
         return batch  # records are text; they are tokenised onto the device per edit
 
     def training_step(self, batch: list[EditRecord], batch_idx: int):
+        if len(batch) == 0:
+            return None  # padding: this rank's share is shorter than another's
         if len(batch) != 1:
             raise ValueError(f"the single-edit protocol takes one edit per batch, got {len(batch)}; set data.batch_size: 1")
         record = batch[0]

@@ -1,4 +1,4 @@
-"""DeepSpeed for editing a frozen model.
+"""Distributed strategies for editing a frozen model (DDP and DeepSpeed).
 
 A knowledge edit never trains the base model: every weight of it is frozen,
 and each edit trains its own small adapters with the module's own optimiser
@@ -14,14 +14,44 @@ have nothing to partition), and back-propagates the edit loss with plain
 autograd, which fills the adapters' gradients while DeepSpeed's hooks gather
 the partitioned weights they flow through.
 
+:class:`EditingDDPStrategy` is Lightning's DDP for the same situation:
+PyTorch's ``DistributedDataParallel`` refuses a module with no trainable
+parameter, and there is nothing for it to reduce, so the module is left
+unwrapped. Every rank edits its own share of the records (the DataModule
+deals them out), localisation and evaluation gather across ranks, and all
+collective calls go through the strategy as usual. Its registered name is
+``ddp_editing`` (``--trainer.strategy ddp_editing``).
+
 A module that does train parameters of its own (and returns an optimiser from
-``configure_optimizers``) gets Lightning's behaviour unchanged.
+``configure_optimizers``) gets Lightning's behaviour unchanged from both.
 """
 
 from __future__ import annotations
 
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, StrategyRegistry
+
+
+def _trains_parameters(module: torch.nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+class EditingDDPStrategy(DDPStrategy):
+    """``DDPStrategy`` that leaves a module with no trainable parameters unwrapped."""
+
+    def _setup_model(self, model: torch.nn.Module):
+        if _trains_parameters(model):
+            return super()._setup_model(model)
+        return model  # nothing to reduce: DistributedDataParallel would refuse it
+
+    def _register_ddp_hooks(self) -> None:
+        if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+            super()._register_ddp_hooks()
+
+
+StrategyRegistry.register(
+    "ddp_editing", EditingDDPStrategy, description="DDP that edits a frozen model without a DDP wrapper", override=True
+)
 
 
 class EditingDeepSpeedStrategy(DeepSpeedStrategy):
@@ -30,8 +60,7 @@ class EditingDeepSpeedStrategy(DeepSpeedStrategy):
     _frozen_base = False
 
     def _initialize_deepspeed_train(self, model: torch.nn.Module) -> None:
-        trainable = any(p.requires_grad for p in model.parameters())
-        if trainable or "optimizer" in self.config:
+        if _trains_parameters(model) or "optimizer" in self.config:
             return super()._initialize_deepspeed_train(model)
         self._frozen_base = True
         self._initialize_deepspeed_inference(model)

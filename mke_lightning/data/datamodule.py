@@ -49,9 +49,9 @@ class EditBatch:
         return f"EditBatch({[r.id for r in self.records]})"
 
 
-def collate_records(batch: list[EditRecord]) -> EditBatch:
-    """A batch of records (module level, so it pickles)."""
-    return EditBatch(batch)
+def collate_records(batch: list[EditRecord | None]) -> EditBatch:
+    """A batch of records, padding left out (module level, so it pickles)."""
+    return EditBatch(r for r in batch if r is not None)
 
 
 class RecordList(Sequence[EditRecord]):
@@ -87,19 +87,27 @@ class RecordList(Sequence[EditRecord]):
 
 
 class _ShardDataset(IterableDataset):
-    """This rank's records in order; DataLoader workers split them in turn."""
+    """This rank's records in order, then ``None`` up to ``length``; DataLoader workers split them in turn.
 
-    def __init__(self, records: RecordList) -> None:
+    Every rank is given the same ``length`` (the largest share), so every rank
+    runs the same number of steps: Lightning's loop meets the other ranks in
+    collective calls each step, and a rank that ran out of batches would leave
+    them waiting. The padding collates into empty batches, which the editor
+    and the callbacks pass over.
+    """
+
+    def __init__(self, records: RecordList, length: int | None = None) -> None:
         self.records = records
+        self.length = len(records) if length is None else length
 
     def __len__(self) -> int:
-        return len(self.records)
+        return self.length
 
-    def __iter__(self) -> Iterator[EditRecord]:
+    def __iter__(self) -> Iterator[EditRecord | None]:
         info = get_worker_info()
         step, first = (1, 0) if info is None else (info.num_workers, info.id)
-        for i in range(first, len(self.records), step):
-            yield self.records[i]
+        for i in range(first, self.length, step):
+            yield self.records[i] if i < len(self.records) else None
 
 
 class EditDataModule(L.LightningDataModule):
@@ -334,10 +342,18 @@ class EditDataModule(L.LightningDataModule):
 
     # -------------------------------------------------------------- dataloaders
 
+    def _largest_share(self) -> int:
+        rank, world_size = self._rank()
+        if world_size == 1:
+            return len(self.records)
+        groups = self._data.raw_indices[self._selected]
+        return max(len(shard(self._selected, groups, r, world_size, self.seed)) for r in range(world_size))
+
     def _loader(self) -> DataLoader[Any]:
         # An iterable dataset: Lightning adds no DistributedSampler, so the
         # shard above is the whole split across ranks.
-        return DataLoader(_ShardDataset(self.records), batch_size=self.batch_size, collate_fn=collate_records)
+        dataset = _ShardDataset(self.records, self._largest_share())
+        return DataLoader(dataset, batch_size=self.batch_size, collate_fn=collate_records)
 
     def train_dataloader(self) -> DataLoader[Any]:
         return self._loader()
