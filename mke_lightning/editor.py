@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -70,6 +71,8 @@ class EditOutcome:
     p_new: float
     neurons: int
     seconds: float
+    failed: str | None = None
+    """Why the edit was rolled back (a non-finite loss or update); ``None`` when it was applied."""
 
 
 class KnowledgeEditor(L.LightningModule):
@@ -192,14 +195,25 @@ class KnowledgeEditor(L.LightningModule):
                 kl = (self._anchor_logp.exp() * (self._anchor_logp - post)).sum(-1).mean()
                 loss = loss + cfg.kl_weight * kl
             loss_v, p_new = float(loss.detach()), float(lp[0].detach().sum().exp())
+            if not math.isfinite(loss_v):
+                return self._roll_back(handle, record, mask, steps, loss_v, p_new, start, f"loss is {loss_v} at step {steps}")
             if loss_v < cfg.stop_loss or p_new > cfg.stop_prob:
                 break
             opt.zero_grad(set_to_none=True)
             self._backward(loss)
             opt.step()
             handle.clamp_norms()
+        if not all(torch.isfinite(p).all() for p in handle.parameters()):
+            return self._roll_back(handle, record, mask, steps, loss_v, p_new, start, "the trained update holds NaN or inf")
         self._restore = handle.finish()
         return EditOutcome(record.id, steps, loss_v, p_new, mask.count(), time.perf_counter() - start)
+
+    def _roll_back(self, handle, record: EditRecord, mask: NeuronMask, steps: int, loss_v: float, p_new: float,
+                   start: float, reason: str) -> EditOutcome:
+        """Drop a failed edit's adapters (the weights were never touched) and say why."""
+        handle.discard()
+        log.warning("record %s: edit rolled back: %s", record.id, reason)
+        return EditOutcome(record.id, steps, loss_v, p_new, mask.count(), time.perf_counter() - start, failed=reason)
 
     def _backward(self, loss: torch.Tensor) -> None:
         # Through the strategy under a Trainer; plainly when used as a library.
@@ -233,7 +247,8 @@ class KnowledgeEditor(L.LightningModule):
         outcome = self.edit(record, mask)
         self.outcomes.append(outcome)
         self.log_dict(
-            {"edit/steps": float(outcome.steps), "edit/p_new": outcome.p_new, "edit/neurons": float(outcome.neurons), "edit/seconds": outcome.seconds},
+            {"edit/steps": float(outcome.steps), "edit/p_new": outcome.p_new, "edit/neurons": float(outcome.neurons),
+             "edit/seconds": outcome.seconds, "edit/failed": float(outcome.failed is not None)},
             batch_size=1, on_step=True, prog_bar=False,
         )
         return None
@@ -245,6 +260,21 @@ class KnowledgeEditor(L.LightningModule):
 
     def on_train_end(self) -> None:
         self.restore()
+        self._write_edit_log()
+
+    def _write_edit_log(self) -> None:
+        """One JSON line per edit of this rank (``edit_log.jsonl``, or ``edit_log.rank<R>.jsonl`` on several ranks)."""
+        failed = [o for o in self.outcomes if o.failed]
+        if failed:
+            log.warning("%d of %d edits rolled back: %s", len(failed), len(self.outcomes),
+                        "; ".join(f"{o.record_id}: {o.failed}" for o in failed))
+        log_dir = self.trainer.log_dir if self._trainer is not None else None
+        if not log_dir:
+            return
+        name = "edit_log.jsonl" if self.trainer.world_size == 1 else f"edit_log.rank{self.trainer.global_rank}.jsonl"
+        path = Path(log_dir) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(asdict(o)) + "\n" for o in self.outcomes), encoding="utf-8")
 
     def validation_step(self, batch: list[EditRecord], batch_idx: int):
         return None  # pre-edit evaluation is done by the evaluation callback
