@@ -235,6 +235,7 @@ class EditEvaluation(L.Callback):
         self.rows = _gather(self.rows)
         self.perplexity_rows = _gather(self.perplexity_rows)
         seconds = sorted(self.seconds.values())
+        log_dir = trainer.log_dir  # a collective call under DDP: every rank makes it
         if summary["edits"] == 0 or not trainer.is_global_zero:
             return
         meta = {
@@ -250,7 +251,7 @@ class EditEvaluation(L.Callback):
             "perplexity": {"every_n_edits": self.perplexity.every_n_edits, "texts_per_language": self.perplexity.texts_per_language,
                            "max_tokens": self.perplexity.max_tokens, "sample": self.perplexity.path or "packaged"},
         }
-        out_dir = Path(self.output_dir or trainer.log_dir or ".")
+        out_dir = Path(self.output_dir or log_dir or ".")
         self.written = write_reports(out_dir, summary, self.rows, meta, self.perplexity_rows)
         if self.plots:
             doc = {**meta, "results": summary}

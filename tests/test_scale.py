@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +17,8 @@ from mke_lightning.masked_lora import LoRAConfig, attach
 from mke_lightning.model_loading import ModelConfig, load_causal_lm
 from mke_lightning.neuron_delta import NeuronDelta, OnTop, Restore
 from mke_lightning.neurons import NeuronMask
-from mke_lightning.records import record_from_dict
 
-from conftest import REPO, toy_record
+from conftest import REPO, toy_record, write_jsonl
 
 OVERLAYS = sorted((REPO / "configs" / "scale").glob("*.yaml"))
 
@@ -213,3 +213,24 @@ def test_demo_shape_run_on_gpu_under_each_overlay(overlay, tmp_path, tiny_llama_
     results = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
     assert results["model_state"] == "edited"
     assert set(results["results"]["language"]) == {"en", "fr", "de"}
+
+
+def test_ddp_editing_on_two_cpu_processes_edits_every_record_once(tmp_path, tiny_llama_dir):
+    """5 records on 2 ranks (3 + 2: one rank gets a padding batch); every record is edited exactly once."""
+    from test_cli import _toy_args
+
+    data = write_jsonl(tmp_path / "five.jsonl", [toy_record(f"r{i}") for i in range(5)])
+    args = _toy_args(tmp_path, tiny_llama_dir) + [
+        "--data.path", str(data), "--trainer.strategy", "ddp_editing", "--trainer.devices", "2", "--loss.max_steps", "3",
+    ]
+    args = [a if a != "--loss.max_steps" else "--model.loss.max_steps" for a in args]
+    mke = Path(sys.executable).parent / "mke"  # Lightning re-launches rank 1 with this process's argv
+    proc = subprocess.run([str(mke), *args], capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, MKE_CACHE_DIR=str(tmp_path / "cache")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = next((tmp_path / "runs").rglob("results.json")).parent
+    logs = sorted(run.glob("edit_log.rank*.jsonl"))
+    assert [p.name for p in logs] == ["edit_log.rank0.jsonl", "edit_log.rank1.jsonl"]
+    edited = [json.loads(l)["record_id"] for p in logs for l in p.read_text().splitlines()]
+    assert sorted(edited) == [f"r{i}" for i in range(5)]
+    assert json.loads((run / "results.json").read_text())["records"] == 5
