@@ -107,6 +107,7 @@ class KnowledgeEditor(L.LightningModule):
         self.arch = None
         self.neuron_masks: dict[str, NeuronMask] = {}
         self.outcomes: list[EditOutcome] = []
+        self.resumed: list[EditOutcome] = []  # edits done (on any rank) before a restart from a checkpoint
         self._restore: Restore | OnTop | None = None
         self._anchor_logp: torch.Tensor | None = None  # [A, V] pre-edit log-probs at the anchors' last position
         self._anchor_ids: list[list[int]] = []
@@ -262,11 +263,43 @@ class KnowledgeEditor(L.LightningModule):
         self.restore()
         self._write_edit_log()
 
+    # -- checkpoint and resume ----------------------------------------------
+    def _edit_log(self) -> list[dict]:
+        """Every edit done so far on every rank (a collective call when several ranks run)."""
+        mine = [asdict(o) for o in self.resumed + self.outcomes]
+        if self._trainer is not None and self.trainer.world_size > 1:
+            import torch.distributed as dist
+
+            parts: list = [None] * self.trainer.world_size
+            dist.all_gather_object(parts, mine)
+            mine = [d for part in parts for d in part]
+        seen: dict[str, dict] = {}
+        for d in mine:
+            seen.setdefault(d["record_id"], d)
+        return list(seen.values())
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["mke_edit_log"] = self._edit_log()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.resumed = [EditOutcome(**d) for d in checkpoint.get("mke_edit_log", [])]
+
+    def on_fit_start(self) -> None:
+        if not self.resumed:
+            return
+        dm = self.trainer.datamodule
+        if not hasattr(dm, "resume_after"):
+            raise RuntimeError(f"resuming needs a DataModule with resume_after(); {type(dm).__name__} has none")
+        steps = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        dm.resume_after({o.record_id for o in self.resumed}, steps)
+        log.info("resuming after %d edits (%d batches per rank)", len(self.resumed), steps)
+
     def _write_edit_log(self) -> None:
         """One JSON line per edit of this rank (``edit_log.jsonl``, or ``edit_log.rank<R>.jsonl`` on several ranks)."""
-        failed = [o for o in self.outcomes if o.failed]
+        mine = (self.resumed if self.trainer.is_global_zero else []) + self.outcomes
+        failed = [o for o in mine if o.failed]
         if failed:
-            log.warning("%d of %d edits rolled back: %s", len(failed), len(self.outcomes),
+            log.warning("%d of %d edits rolled back: %s", len(failed), len(mine),
                         "; ".join(f"{o.record_id}: {o.failed}" for o in failed))
         log_dir = self.trainer.log_dir if self._trainer is not None else None
         if not log_dir:
@@ -274,7 +307,7 @@ class KnowledgeEditor(L.LightningModule):
         name = "edit_log.jsonl" if self.trainer.world_size == 1 else f"edit_log.rank{self.trainer.global_rank}.jsonl"
         path = Path(log_dir) / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(asdict(o)) + "\n" for o in self.outcomes), encoding="utf-8")
+        path.write_text("".join(json.dumps(asdict(o)) + "\n" for o in mine), encoding="utf-8")
 
     def validation_step(self, batch: list[EditRecord], batch_idx: int):
         return None  # pre-edit evaluation is done by the evaluation callback

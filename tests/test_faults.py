@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 from torch import nn
 
 from mke_lightning.editor import KnowledgeEditor
@@ -13,7 +19,7 @@ from mke_lightning.model_loading import ModelConfig, load_causal_lm
 from mke_lightning.neurons import NeuronMask
 from mke_lightning.records import record_from_dict
 
-from conftest import toy_record
+from conftest import REPO, toy_record, write_jsonl
 
 
 def test_nan_loss_rolls_the_edit_back_and_leaves_the_weights(tiny_llama_dir):
@@ -62,3 +68,51 @@ def test_a_planted_nan_edit_is_reported_and_the_run_goes_on(tmp_path, tiny_llama
     assert [l["record_id"] for l in lines] == ["t1", "t2"]
     assert "nan" in lines[0]["failed"] and lines[1]["failed"] is None
     assert next((tmp_path / "runs").rglob("results.json")).exists()
+
+
+class KillAfter(L.Callback):
+    """SIGKILLs its own process at the end of edit batch ``edits`` (1-based): no clean-up runs."""
+
+    def __init__(self, edits: int) -> None:
+        self.edits = edits
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx + 1 == self.edits:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _run_mke(args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, MKE_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+    mke = Path(sys.executable).parent / "mke"
+    return subprocess.run([str(mke), *args], capture_output=True, text=True, timeout=900, env=env)
+
+
+def test_a_killed_run_resumes_and_applies_every_edit_exactly_once(tmp_path, tiny_llama_dir):
+    from test_cli import _toy_args
+
+    data = write_jsonl(tmp_path / "six.jsonl", [toy_record(f"r{i}") for i in range(6)])
+    args = _toy_args(tmp_path, tiny_llama_dir) + ["--data.path", str(data), "--model.loss.max_steps", "3"]
+    cfg = yaml.safe_load((tmp_path / "toy.yaml").read_text())
+    cfg["trainer"]["enable_checkpointing"] = True
+    cfg["trainer"]["callbacks"].append({"class_path": "mke_lightning.callbacks.EditCheckpoint", "init_args": {"every_n_edits": 2}})
+    (tmp_path / "resumable.yaml").write_text(yaml.safe_dump(cfg))
+    cfg["trainer"]["callbacks"].append({"class_path": "test_faults.KillAfter", "init_args": {"edits": 3}})
+    (tmp_path / "killed.yaml").write_text(yaml.safe_dump(cfg))
+
+    killed_args = ["fit"] + [a if a != str(tmp_path / "toy.yaml") else str(tmp_path / "killed.yaml") for a in args[1:]]
+    killed = _run_mke(killed_args, tmp_path)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    ckpt = tmp_path / "runs" / "demo" / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, weights_only=False)
+    assert [d["record_id"] for d in saved["mke_edit_log"]] == ["r0", "r1"]  # edit 3 was done but not yet saved
+    assert not list((tmp_path / "runs").rglob("edit_log*.jsonl"))  # the killed run never finished
+
+    resumed_args = ["fit"] + [a if a != str(tmp_path / "toy.yaml") else str(tmp_path / "resumable.yaml") for a in args[1:]]
+    resumed = _run_mke(resumed_args + ["--ckpt_path", "last"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    logs = list((tmp_path / "runs").rglob("edit_log.jsonl"))
+    assert len(logs) == 1
+    ids = [json.loads(l)["record_id"] for l in logs[0].read_text().splitlines()]
+    assert sorted(ids) == [f"r{i}" for i in range(6)]  # every edit once: r0, r1 from before, r2..r5 after
+    assert ids[:2] == ["r0", "r1"]

@@ -96,12 +96,13 @@ class _ShardDataset(IterableDataset):
     and the callbacks pass over.
     """
 
-    def __init__(self, records: RecordList, length: int | None = None) -> None:
+    def __init__(self, records, length: int | None = None, reported: int | None = None) -> None:
         self.records = records
         self.length = len(records) if length is None else length
+        self.reported = self.length if reported is None else reported  # what ``len`` says (see resume_after)
 
     def __len__(self) -> int:
-        return self.length
+        return self.reported
 
     def __iter__(self) -> Iterator[EditRecord | None]:
         info = get_worker_info()
@@ -186,6 +187,7 @@ class EditDataModule(L.LightningDataModule):
         self._eval_languages: list[str] | None = None
         self._shard_key: tuple[int, int] | None = None
         self._records: RecordList | None = None
+        self._resume: tuple[set[str], int] = (set(), 0)  # records edited before a restart, batches done
         self.skipped = 0
         self.skip_reasons: list[str] = []
 
@@ -349,10 +351,27 @@ class EditDataModule(L.LightningDataModule):
         groups = self._data.raw_indices[self._selected]
         return max(len(shard(self._selected, groups, r, world_size, self.seed)) for r in range(world_size))
 
+    def resume_after(self, done_ids: set[str], steps_done: int) -> None:
+        """Leave out records already edited before a restart (``steps_done`` batches on every rank).
+
+        Lightning restarts the loader from its first batch but keeps counting
+        from ``steps_done``; the loader then yields only this rank's records not
+        in ``done_ids`` (padded to the same count on every rank) while its length
+        stays that of the whole epoch, so the loop ends where it would have.
+        """
+        self._resume = (set(done_ids), int(steps_done))
+
     def _loader(self) -> DataLoader[Any]:
         # An iterable dataset: Lightning adds no DistributedSampler, so the
         # shard above is the whole split across ranks.
-        dataset = _ShardDataset(self.records, self._largest_share())
+        full = self._largest_share()
+        done, steps = self._resume
+        if not done:
+            dataset = _ShardDataset(self.records, full)
+        else:
+            left = [r for r in self.records if r.id not in done]
+            per_batch = self.batch_size
+            dataset = _ShardDataset(left, max(len(left), full - steps * per_batch), reported=full)
         return DataLoader(dataset, batch_size=self.batch_size, collate_fn=collate_records)
 
     def train_dataloader(self) -> DataLoader[Any]:

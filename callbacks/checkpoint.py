@@ -1,0 +1,51 @@
+"""Checkpoints every K edits, for resuming a long run with ``--ckpt_path last``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class EditCheckpoint(ModelCheckpoint):
+    """Save ``last.ckpt`` every ``every_n_edits`` edit batches and at the end of the run.
+
+    An editing run steps no Lightning optimiser (each edit trains its own
+    adapters), so Lightning's step counter does not move and step-based
+    checkpointing never fires; this counts edit batches instead. The
+    checkpoint holds the edit log (which edits are done, with their outcomes)
+    and the evaluation state, not the model: the ``single`` protocol restores
+    the weights after every edit. Resume with ``mke fit ... --ckpt_path last``:
+    the run continues at the next edit, none applied twice.
+
+    Args:
+        dirpath: where ``last.ckpt`` goes; by default ``<save_dir>/<name>/checkpoints``
+            of the run's logger (the same folder for every version of the run, so a
+            restarted run finds it), else ``<default_root_dir>/checkpoints``.
+        every_n_edits: edit batches between two checkpoints.
+    """
+
+    def __init__(self, dirpath: str | None = None, every_n_edits: int = 10) -> None:
+        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, enable_version_counter=False)
+        if every_n_edits < 1:
+            raise ValueError("every_n_edits must be >= 1")
+        self.every_n_edits = every_n_edits
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.dirpath is None:
+            logger = trainer.logger
+            if logger is not None and getattr(logger, "save_dir", None) and getattr(logger, "name", None):
+                self.dirpath = str(Path(logger.save_dir) / logger.name / "checkpoints")
+            else:
+                self.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
+        super().setup(trainer, pl_module, stage)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if (batch_idx + 1) % self.every_n_edits == 0:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        return None
