@@ -10,19 +10,21 @@ from mke_lightning.data import read_mlake
 from mke_lightning.editor import KnowledgeEditor
 from mke_lightning.evaluation import EditEvaluator, build_items
 from mke_lightning.localization import LocalizationConfig, locate
+from mke_lightning.masked_lora import LoRAConfig
 
 pytestmark = pytest.mark.real_model
 
 
 def test_one_mlake_edit_then_its_multi_hop_question(real_model, shared_data):
     model, tok, arch = real_model
-    record = read_mlake(shared_data / "mlake", ["en"])[0]  # Carl Sagan's employer: Cornell University -> BBC
+    record = read_mlake(shared_data / "mlake", ["en", "zh", "fr"])[0]  # (zh, fr: localisation's cross languages) Carl Sagan's employer: Cornell University -> BBC
     facts = record.facts("en")
     assert facts.multi_hop, "MLaKE record 0 has a linked multi-hop question"
     hop = facts.multi_hop[0]
     assert "UK" in hop.answers  # the aliases travel with the question
 
-    ed = KnowledgeEditor()
+    # the demo's settings: the authors' merge scale of 0.5 undoes most edits of this model (docs/benchmarks.md)
+    ed = KnowledgeEditor(lora=LoRAConfig(merge_scale=1.0), optimizer=lambda params: torch.optim.Adam(params, lr=5e-3))
     ed.causal_lm, ed.tokenizer, ed.arch = model, tok, arch
     mask = locate(model, tok, arch, record, "en", LocalizationConfig(attribution=AttributionConfig(steps=10)))
     ev = EditEvaluator(tok)
