@@ -27,10 +27,10 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
-from mke_lightning.masked_lora import LoRAConfig, attach
-from mke_lightning.neuron_delta import OnTop, Restore
+from mke_lightning.masked_lora import LoRAConfig, apply_delta, attach
+from mke_lightning.neuron_delta import NeuronDelta, OnTop, Restore
 from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.neurons import NeuronMask
+from mke_lightning.neurons import CATEGORIES, NeuronMask
 from mke_lightning.records import EditRecord, join_prompt
 from mke_lightning.scoring import encode_continuation, encode_prompt, kept_logits, pack, target_logprobs
 
@@ -63,6 +63,19 @@ class EditLossConfig:
             raise ValueError("loss.max_steps must be >= 1")
 
 
+PROTOCOLS = ("single", "batch", "sequential")
+
+
+def unite_masks(masks: list[NeuronMask]) -> NeuronMask:
+    """One mask holding every neuron of ``masks``, per category and layer."""
+    layers: dict[str, dict[int, set[int]]] = {c: {} for c in CATEGORIES}
+    for m in masks:
+        for cat, per_layer in m.layers.items():
+            for layer, idx in per_layer.items():
+                layers.setdefault(cat, {}).setdefault(layer, set()).update(idx)
+    return NeuronMask("+".join(m.record_id for m in masks), {c: {l: sorted(v) for l, v in d.items()} for c, d in layers.items()})
+
+
 @dataclass
 class EditOutcome:
     record_id: str
@@ -85,6 +98,7 @@ class KnowledgeEditor(L.LightningModule):
         lora: LoRAConfig | None = None,
         loss: EditLossConfig | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
+        protocol: str = "single",
     ) -> None:
         """
         Args:
@@ -93,6 +107,10 @@ class KnowledgeEditor(L.LightningModule):
             lora: masked-LoRA adapters and merge settings.
             loss: edit objective and stopping rule.
             optimizer: optimiser factory for the adapters of each edit (default Adam, lr 1e-3).
+            protocol: ``single`` (one edit per batch, undone after its evaluation),
+                ``batch`` (the batch's edits optimised together on their united masks,
+                undone after evaluation) or ``sequential`` (each batch's edits stay:
+                later edits are made on the edited model).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -101,6 +119,10 @@ class KnowledgeEditor(L.LightningModule):
         self.lora_config = lora or LoRAConfig()
         self.loss_config = loss or EditLossConfig()
         self.optimizer_factory = optimizer
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        self.protocol = protocol
+        self.applied: list[tuple[list[str], NeuronDelta]] = []  # sequential: the edits kept in the model, in order
         self.automatic_optimization = False
         self.causal_lm = None
         self.tokenizer = None
@@ -161,60 +183,90 @@ class KnowledgeEditor(L.LightningModule):
         batch = pack(self._anchor_ids, [[0]] * len(self._anchor_ids), self.tokenizer.pad_token_id).to(self.device)
         self._anchor_logp = torch.log_softmax(kept_logits(self.causal_lm, batch)[:, -1].float(), -1)
 
-    # -- one edit ---------------------------------------------------------
+    # -- edits ------------------------------------------------------------
     def edit(self, record: EditRecord, mask: NeuronMask) -> EditOutcome:
-        """Train and merge one edit; the undo is kept for :meth:`restore`."""
+        """Train and apply one edit; the undo is kept for :meth:`restore`."""
+        return self.edit_many([record], [mask])[0]
+
+    def _rows(self, records: list[EditRecord]) -> tuple[list[list[int]], list[list[int]], list[int], list[int | None]]:
+        """Prompt and target token rows of the edits: per record its new-target row and, if any, its old-target row."""
+        cfg = self.loss_config
+        prompts, targets, new_rows, true_rows = [], [], [], []
+        for record in records:
+            facts = record.facts(self.edit_language)
+            prompt, new = join_prompt(facts.prompt, facts.target_new, self.edit_language)
+            p_ids = encode_prompt(self.tokenizer, prompt)
+            new_rows.append(len(targets))
+            prompts.append(p_ids)
+            targets.append(encode_continuation(self.tokenizer, new))
+            true_rows.append(None)
+            if facts.target_true and cfg.true_weight:
+                true_rows[-1] = len(targets)
+                prompts.append(p_ids)
+                targets.append(encode_continuation(self.tokenizer, join_prompt(facts.prompt, facts.target_true, self.edit_language)[1]))
+        return prompts, targets, new_rows, true_rows
+
+    def edit_many(self, records: list[EditRecord], masks: list[NeuronMask]) -> list[EditOutcome]:
+        """Train the edits together on their united masks and apply them; one outcome per record."""
         start = time.perf_counter()
         self.causal_lm.eval()
         self._prepare_anchors()
         cfg = self.loss_config
-        facts = record.facts(self.edit_language)
-        prompt, new = join_prompt(facts.prompt, facts.target_new, self.edit_language)
-        p_ids = encode_prompt(self.tokenizer, prompt)
-        targets = [encode_continuation(self.tokenizer, new)]
-        if facts.target_true and cfg.true_weight:
-            targets.append(encode_continuation(self.tokenizer, join_prompt(facts.prompt, facts.target_true, self.edit_language)[1]))
-        prompts = [p_ids] * len(targets) + self._anchor_ids
+        mask = masks[0] if len(masks) == 1 else unite_masks(masks)
+        prompts, targets, new_rows, true_rows = self._rows(records)
+        n_rows = len(targets)
         # Anchor rows predict one (unused) token at their last position.
-        batch = pack(prompts, targets + [[0]] * len(self._anchor_ids), self.tokenizer.pad_token_id).to(self.device)
-        n_new = len(targets[0])
+        batch = pack(prompts + self._anchor_ids, targets + [[0]] * len(self._anchor_ids), self.tokenizer.pad_token_id).to(self.device)
+
+        def outcomes(steps: int, loss_v: float, p_new: list[float], failed: str | None = None) -> list[EditOutcome]:
+            took = time.perf_counter() - start
+            return [EditOutcome(r.id, steps, loss_v, p, m.count(), took, failed) for r, m, p in zip(records, masks, p_new)]
 
         handle = attach(self.causal_lm, self.arch, mask, self.lora_config)
         if handle is None:
-            log.warning("record %s: no neuron located; the edit changes nothing", record.id)
-            return EditOutcome(record.id, 0, float("nan"), float("nan"), 0, time.perf_counter() - start)
+            log.warning("records %s: no neuron located; the edit changes nothing", [r.id for r in records])
+            return outcomes(0, float("nan"), [float("nan")] * len(records))
         opt = self.optimizer_factory(handle.parameters())
-        steps, loss_v, p_new = 0, float("nan"), 0.0
+        steps, loss_v, p_new = 0, float("nan"), [0.0] * len(records)
         for steps in range(1, cfg.max_steps + 1):
             logits = kept_logits(self.causal_lm, batch)  # [B, K, V]
             lp = target_logprobs(logits, batch)  # [B, K]
-            loss = cfg.new_weight * (-lp[0].sum() / n_new)
-            if len(targets) > 1:
-                loss = loss + cfg.true_weight * lp[1].sum().exp()
+            loss = lp.new_zeros(())
+            for i, j in zip(new_rows, true_rows):
+                loss = loss + cfg.new_weight * (-lp[i].sum() / len(targets[i]))
+                if j is not None:
+                    loss = loss + cfg.true_weight * lp[j].sum().exp()
+            loss = loss / len(records)
             if self._anchor_ids:
-                post = torch.log_softmax(logits[len(targets):, -1].float(), -1)  # [A, V]
+                post = torch.log_softmax(logits[n_rows:, -1].float(), -1)  # [A, V]
                 kl = (self._anchor_logp.exp() * (self._anchor_logp - post)).sum(-1).mean()
                 loss = loss + cfg.kl_weight * kl
-            loss_v, p_new = float(loss.detach()), float(lp[0].detach().sum().exp())
+            loss_v = float(loss.detach())
+            p_new = [float(lp[i].detach().sum().exp()) for i in new_rows]
             if not math.isfinite(loss_v):
-                return self._roll_back(handle, record, mask, steps, loss_v, p_new, start, f"loss is {loss_v} at step {steps}")
-            if loss_v < cfg.stop_loss or p_new > cfg.stop_prob:
+                handle.discard()
+                return self._rolled_back(outcomes(steps, loss_v, p_new, f"loss is {loss_v} at step {steps}"))
+            if loss_v < cfg.stop_loss or min(p_new) > cfg.stop_prob:
                 break
             opt.zero_grad(set_to_none=True)
             self._backward(loss)
             opt.step()
             handle.clamp_norms()
         if not all(torch.isfinite(p).all() for p in handle.parameters()):
-            return self._roll_back(handle, record, mask, steps, loss_v, p_new, start, "the trained update holds NaN or inf")
-        self._restore = handle.finish()
-        return EditOutcome(record.id, steps, loss_v, p_new, mask.count(), time.perf_counter() - start)
+            handle.discard()
+            return self._rolled_back(outcomes(steps, loss_v, p_new, "the trained update holds NaN or inf"))
+        delta = handle.to_delta()
+        undo = apply_delta(self.causal_lm, self.arch, delta, self.lora_config.apply)
+        if self.protocol == "sequential":
+            self.applied.append(([r.id for r in records], delta))
+        else:
+            self._restore = undo
+        return outcomes(steps, loss_v, p_new)
 
-    def _roll_back(self, handle, record: EditRecord, mask: NeuronMask, steps: int, loss_v: float, p_new: float,
-                   start: float, reason: str) -> EditOutcome:
-        """Drop a failed edit's adapters (the weights were never touched) and say why."""
-        handle.discard()
-        log.warning("record %s: edit rolled back: %s", record.id, reason)
-        return EditOutcome(record.id, steps, loss_v, p_new, mask.count(), time.perf_counter() - start, failed=reason)
+    def _rolled_back(self, outcomes: list[EditOutcome]) -> list[EditOutcome]:
+        """The edits' adapters are dropped (the weights were never touched); say why."""
+        log.warning("records %s: edit rolled back: %s", [o.record_id for o in outcomes], outcomes[0].failed)
+        return outcomes
 
     def _backward(self, loss: torch.Tensor) -> None:
         # Through the strategy under a Trainer; plainly when used as a library.
@@ -237,20 +289,26 @@ class KnowledgeEditor(L.LightningModule):
     def training_step(self, batch: list[EditRecord], batch_idx: int):
         if len(batch) == 0:
             return None  # padding: this rank's share is shorter than another's
-        if len(batch) != 1:
-            raise ValueError(f"the single-edit protocol takes one edit per batch, got {len(batch)}; set data.batch_size: 1")
-        record = batch[0]
-        mask = self.neuron_masks.get(record.id)
-        if mask is None:
-            raise RuntimeError(
-                f"no neuron mask for record {record.id!r}: add the mke_lightning.callbacks.NeuronLocalization callback"
+        if self.protocol == "single" and len(batch) != 1:
+            raise ValueError(
+                f"the single protocol takes one edit per batch, got {len(batch)}; set data.batch_size: 1 "
+                "or model.protocol: batch"
             )
-        outcome = self.edit(record, mask)
-        self.outcomes.append(outcome)
+        masks = []
+        for record in batch:
+            mask = self.neuron_masks.get(record.id)
+            if mask is None:
+                raise RuntimeError(
+                    f"no neuron mask for record {record.id!r}: add the mke_lightning.callbacks.NeuronLocalization callback"
+                )
+            masks.append(mask)
+        outcomes = self.edit_many(list(batch), masks)
+        self.outcomes.extend(outcomes)
+        first = outcomes[0]
         self.log_dict(
-            {"edit/steps": float(outcome.steps), "edit/p_new": outcome.p_new, "edit/neurons": float(outcome.neurons),
-             "edit/seconds": outcome.seconds, "edit/failed": float(outcome.failed is not None)},
-            batch_size=1, on_step=True, prog_bar=False,
+            {"edit/steps": float(first.steps), "edit/p_new": min(o.p_new for o in outcomes), "edit/neurons": float(sum(o.neurons for o in outcomes)),
+             "edit/seconds": first.seconds, "edit/failed": float(first.failed is not None)},
+            batch_size=len(batch), on_step=True, prog_bar=False,
         )
         return None
 
@@ -280,11 +338,27 @@ class KnowledgeEditor(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["mke_edit_log"] = self._edit_log()
+        # sequential: the edits kept in the model, as deltas (never the model itself)
+        checkpoint["mke_applied"] = [
+            {"records": ids, "layers": {l: (idx.cpu(), v.detach().float().cpu()) for l, (idx, v) in d.layers.items()}}
+            for ids, d in self.applied
+        ]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.resumed = [EditOutcome(**d) for d in checkpoint.get("mke_edit_log", [])]
+        if checkpoint.get("mke_applied") and self.causal_lm is None:
+            self.configure_model()
+        for item in checkpoint.get("mke_applied", []):
+            delta = NeuronDelta({int(l): t for l, t in item["layers"].items()})
+            apply_delta(self.causal_lm, self.arch, delta, self.lora_config.apply)
+            self.applied.append((list(item["records"]), delta))
 
     def on_fit_start(self) -> None:
+        if self.protocol == "sequential" and self.trainer.world_size > 1:
+            raise NotImplementedError(
+                "the sequential protocol runs on one rank for now (ranks would edit different models); "
+                "use model.protocol single or batch on several ranks"
+            )
         if not self.resumed:
             return
         dm = self.trainer.datamodule

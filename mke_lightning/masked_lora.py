@@ -150,18 +150,21 @@ class MaskedLoRA:
 
     def finish(self) -> Restore | OnTop:
         """Remove the adapters and apply the update as ``cfg.apply`` says; the result undoes it."""
-        delta = self.to_delta()
-        mode = self.cfg.apply
-        if mode == "auto":
-            writable = all(can_write_in_place(self.model.get_submodule(self.arch.mlp_out_name(l))) for l in delta.layers)
-            mode = "merge" if writable else "on_top"
-        if mode == "merge":
-            return delta.merge_into(self.model, self.arch)
-        return delta.apply_on_top(self.model, self.arch)
+        return apply_delta(self.model, self.arch, self.to_delta(), self.cfg.apply)
 
     def discard(self) -> None:
         """Remove the adapters without touching the base weights."""
         self._unload()
+
+
+def apply_delta(model: nn.Module, arch: ArchSpec, delta: NeuronDelta, mode: str = "auto") -> Restore | OnTop:
+    """Apply an edit merged or on top (``auto``: merged where every touched weight can be written in place)."""
+    if mode == "auto":
+        writable = all(can_write_in_place(model.get_submodule(arch.mlp_out_name(l))) for l in delta.layers)
+        mode = "merge" if writable else "on_top"
+    if mode == "merge":
+        return delta.merge_into(model, arch)
+    return delta.apply_on_top(model, arch)
 
 
 def attach(model: nn.Module, arch: ArchSpec, mask: NeuronMask, cfg: LoRAConfig) -> MaskedLoRA | None:
