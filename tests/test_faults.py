@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 import yaml
 from torch import nn
@@ -88,11 +90,13 @@ def _run_mke(args: list[str], tmp_path) -> subprocess.CompletedProcess:
     return subprocess.run([str(mke), *args], capture_output=True, text=True, timeout=900, env=env)
 
 
-def test_a_killed_run_resumes_and_applies_every_edit_exactly_once(tmp_path, tiny_llama_dir):
+@pytest.mark.parametrize("protocol", ["single", "sequential"])
+def test_a_killed_run_resumes_and_applies_every_edit_exactly_once(protocol, tmp_path, tiny_llama_dir):
     from test_cli import _toy_args
 
     data = write_jsonl(tmp_path / "six.jsonl", [toy_record(f"r{i}") for i in range(6)])
-    args = _toy_args(tmp_path, tiny_llama_dir) + ["--data.path", str(data), "--model.loss.max_steps", "3"]
+    args = _toy_args(tmp_path, tiny_llama_dir) + ["--data.path", str(data), "--model.loss.max_steps", "3",
+                                                 "--model.protocol", protocol]
     cfg = yaml.safe_load((tmp_path / "toy.yaml").read_text())
     cfg["trainer"]["enable_checkpointing"] = True
     cfg["trainer"]["callbacks"].append({"class_path": "mke_lightning.callbacks.EditCheckpoint", "init_args": {"every_n_edits": 2}})
@@ -116,3 +120,16 @@ def test_a_killed_run_resumes_and_applies_every_edit_exactly_once(tmp_path, tiny
     ids = [json.loads(l)["record_id"] for l in logs[0].read_text().splitlines()]
     assert sorted(ids) == [f"r{i}" for i in range(6)]  # every edit once: r0, r1 from before, r2..r5 after
     assert ids[:2] == ["r0", "r1"]
+    final = torch.load(ckpt, weights_only=False)
+    assert [d["record_id"] for d in final["mke_edit_log"]] == [f"r{i}" for i in range(6)]
+    if protocol == "sequential":
+        # the weights: the kept edits equal those of a run that was never killed
+        shutil.rmtree(tmp_path / "runs")
+        whole = _run_mke(resumed_args, tmp_path)
+        assert whole.returncode == 0, whole.stderr[-3000:]
+        reference = torch.load(ckpt, weights_only=False)["mke_applied"]
+        assert [a["records"] for a in final["mke_applied"]] == [[f"r{i}"] for i in range(6)]
+        for got, want in zip(final["mke_applied"], reference):
+            for layer, (idx, values) in want["layers"].items():
+                assert torch.equal(got["layers"][layer][0], idx)
+                assert (got["layers"][layer][1] - values).abs().max() < 1e-5
