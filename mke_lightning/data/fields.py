@@ -26,6 +26,13 @@ class Where:
     def error(self, field: str, message: str) -> RecordError:
         return RecordError(message, source=self.source, index=self.index, record_id=self.record_id, field=field)
 
+    def identifier(self, item: dict[str, Any], field: str) -> str:
+        """A record's own id field (a non-empty string or an integer), stripped."""
+        value = item.get(field)
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip():
+            raise self.error(field, "is missing or empty" if value in (None, "") else "must be a string or an integer")
+        return str(value).strip()
+
     def obj(self, value: Any, field: str) -> dict[str, Any]:
         """``value`` as a JSON object."""
         if not isinstance(value, dict):

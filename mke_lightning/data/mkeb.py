@@ -48,10 +48,7 @@ class MkebParser(Parser):
     def parse(self, items: tuple[Any, ...], index: int) -> list[EditRecord]:
         where = Where(self.name, index)
         item = where.obj(items[0], "<record>")
-        example_id = item.get("example_id")
-        if isinstance(example_id, bool) or not isinstance(example_id, (int, str)) or not str(example_id).strip():
-            raise where.error("example_id", "is missing or empty" if example_id in (None, "") else "must be a string or an integer")
-        where.record_id = f"mkeb-{str(example_id).strip()}"
+        where.record_id = f"mkeb-{where.identifier(item, 'example_id')}"
         edit = where.member(item, "edit", "")
         if not edit:
             raise where.error("edit", "has no language")

@@ -42,10 +42,7 @@ class MquakeParser(Parser):
     def parse(self, items: tuple[Any, ...], index: int) -> list[EditRecord]:
         where = Where(self.name, index)
         item = where.obj(items[0], "<record>")
-        case_id = item.get("case_id")
-        if isinstance(case_id, bool) or not isinstance(case_id, (int, str)) or not str(case_id).strip():
-            raise where.error("case_id", "is missing or empty" if case_id in (None, "") else "must be an integer or a string")
-        case = f"mquake-{str(case_id).strip()}"
+        case = f"mquake-{where.identifier(item, 'case_id')}"
         where.record_id = case
         rewrites = item.get("requested_rewrite")
         if not isinstance(rewrites, list) or not rewrites:
