@@ -144,10 +144,6 @@ class MaskedLoRA:
         dims = {layer: neuron_dim(self.model.get_submodule(self.arch.mlp_out_name(layer))) for layer in deltas}
         return NeuronDelta.from_weight_deltas(deltas, self.mask.union(), dims)
 
-    def merge(self) -> Restore:
-        """Fold the update into the base weights and remove the adapters."""
-        return self.to_delta().merge_into(self.model, self.arch)
-
     def finish(self) -> Restore | OnTop:
         """Remove the adapters and apply the update as ``cfg.apply`` says; the result undoes it."""
         return apply_delta(self.model, self.arch, self.to_delta(), self.cfg.apply)
