@@ -1,11 +1,22 @@
-"""The editing LightningModule: masked-LoRA knowledge edits of a causal LM.
+"""The editing LightningModule: knowledge edits of a causal LM, one method per run.
 
-One training batch is one edit (the ``single`` protocol: each edit is applied
-to the original model, evaluated by the callbacks, then undone exactly).
-``training_step`` attaches masked adapters on the located neurons, optimises
-them on the edit prompt (its own small loop, up to ``loss.max_steps``), and
-merges the update; ``on_train_batch_end`` restores the original weights after
-the callbacks have evaluated the edited model.
+``model.method`` picks how an edit is parameterised (docs/methods.md):
+
+- ``memla``: LoRA on the MLP output projections, masked to the located neurons
+  (language-independent and language-specific adapters; drop a category in
+  ``lora.categories`` for the ablations);
+- ``lora``: plain LoRA (fixed ``lora.rank``, nothing masked) on the layers of
+  the located neurons or on ``lora.layers``;
+- ``ft_l``: constrained fine-tuning of the output projection of ``values.layers``
+  (every value vector, each entry's change clamped to ``values.max_abs``);
+- ``lafn``: the value vectors of the language-agnostic neurons, updated
+  directly and trained on every language in ``train_languages`` at once.
+
+Every method optimises the same objective (``loss``) with its own small loop
+and yields a :class:`~mke_lightning.neuron_delta.NeuronDelta`, applied merged
+or on top. ``protocol`` says what happens next: ``single`` undoes each edit
+after the callbacks have evaluated it, ``batch`` trains a batch's edits
+together (united masks) and undoes them, ``sequential`` keeps every edit.
 
 Callbacks reach the model through a small protocol that any LightningModule
 can offer: attributes ``causal_lm`` (a Hugging Face causal LM), ``tokenizer``
@@ -27,12 +38,13 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
-from mke_lightning.masked_lora import LoRAConfig, apply_delta, attach
+from mke_lightning.masked_lora import LoRAConfig, apply_delta, attach, whole_layers
 from mke_lightning.neuron_delta import NeuronDelta, OnTop, Restore
 from mke_lightning.model_loading import ModelConfig, load_causal_lm
 from mke_lightning.neurons import CATEGORIES, NeuronMask
 from mke_lightning.records import EditRecord, join_prompt
 from mke_lightning.scoring import encode_continuation, encode_prompt, kept_logits, pack, target_logprobs
+from mke_lightning.value_update import ValueUpdateConfig, attach_values
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +76,7 @@ class EditLossConfig:
 
 
 PROTOCOLS = ("single", "batch", "sequential")
+METHODS = ("memla", "lora", "ft_l", "lafn")
 
 
 def unite_masks(masks: list[NeuronMask]) -> NeuronMask:
@@ -99,6 +112,10 @@ class KnowledgeEditor(L.LightningModule):
         loss: EditLossConfig | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         protocol: str = "single",
+        method: str = "memla",
+        values: ValueUpdateConfig | None = None,
+        train_languages: list[str] | None = None,
+        save_deltas: bool = False,
     ) -> None:
         """
         Args:
@@ -111,6 +128,12 @@ class KnowledgeEditor(L.LightningModule):
                 ``batch`` (the batch's edits optimised together on their united masks,
                 undone after evaluation) or ``sequential`` (each batch's edits stay:
                 later edits are made on the edited model).
+            method: ``memla``, ``lora``, ``ft_l`` or ``lafn`` (see the module docstring).
+            values: the direct value-vector update of ``ft_l`` and ``lafn``.
+            train_languages: languages whose edit prompts (each with its own new target)
+                the edit is trained on; null: the edit language only.
+            save_deltas: write each edit (``single``/``batch``: one file per batch; ``sequential``:
+                one file per step, in order) as a delta under ``<log dir>/deltas/``.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -122,6 +145,18 @@ class KnowledgeEditor(L.LightningModule):
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         self.protocol = protocol
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.method = method
+        self.values_config = values or ValueUpdateConfig()
+        if method == "ft_l" and self.values_config.layers is None:
+            raise ValueError("method ft_l fine-tunes whole output projections: set values.layers (e.g. [12])")
+        if method == "lafn" and self.values_config.layers is not None:
+            raise ValueError("method lafn updates the located neurons: leave values.layers null (ft_l takes whole layers)")
+        if train_languages is not None and not train_languages:
+            raise ValueError("train_languages is empty; use null for the edit language only")
+        self.train_languages = train_languages
+        self.save_deltas = save_deltas
         self.applied: list[tuple[list[str], NeuronDelta]] = []  # sequential: the edits kept in the model, in order
         self.automatic_optimization = False
         self.causal_lm = None
@@ -131,6 +166,7 @@ class KnowledgeEditor(L.LightningModule):
         self.outcomes: list[EditOutcome] = []
         self.resumed: list[EditOutcome] = []  # edits done (on any rank) before a restart from a checkpoint
         self._restore: Restore | OnTop | None = None
+        self._delta_dir: Path | None = None
         self._anchor_logp: torch.Tensor | None = None  # [A, V] pre-edit log-probs at the anchors' last position
         self._anchor_ids: list[list[int]] = []
 
@@ -166,6 +202,44 @@ class KnowledgeEditor(L.LightningModule):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         return torch.nn.modules.module._IncompatibleKeys([], [])
 
+    # -- what this run is ----------------------------------------------------
+    @property
+    def method_name(self) -> str:
+        """The method, with the MEMLA ablations named by the category switched off."""
+        if self.method == "memla":
+            off = [c for c in CATEGORIES if c not in self.lora_config.categories]
+            return "memla" + "".join(f"-no_{c}" for c in off)
+        return self.method
+
+    @property
+    def needs_masks(self) -> bool:
+        """Whether each record needs located neurons (the NeuronLocalization callback)."""
+        if self.method == "lora":
+            return self.lora_config.layers is None
+        if self.method == "ft_l":
+            return False
+        return True
+
+    def run_info(self) -> dict:
+        """Method, protocol and settings, for the run's ``results.json``."""
+        def plain(x):
+            return asdict(x) if hasattr(x, "__dataclass_fields__") else x
+
+        opt = self.hparams.get("optimizer")
+        return {
+            "method": self.method_name,
+            "protocol": self.protocol,
+            "train_languages": self.train_languages or [self.edit_language],
+            "settings": {
+                "lora": plain(self.lora_config) if self.method in ("memla", "lora") else None,
+                "values": plain(self.values_config) if self.method in ("ft_l", "lafn") else None,
+                "loss": plain(self.loss_config),
+                "optimizer": opt if isinstance(opt, (dict, str)) else getattr(opt, "__name__", repr(opt)),
+                "dtype": self.lm_config.dtype,
+                "load_in_8bit": self.lm_config.load_in_8bit,
+            },
+        }
+
     # -- anchors for the KL locality term -------------------------------------
     def _anchors(self) -> list[str]:
         if self.loss_config.anchors:
@@ -188,23 +262,39 @@ class KnowledgeEditor(L.LightningModule):
         """Train and apply one edit; the undo is kept for :meth:`restore`."""
         return self.edit_many([record], [mask])[0]
 
-    def _rows(self, records: list[EditRecord]) -> tuple[list[list[int]], list[list[int]], list[int], list[int | None]]:
-        """Prompt and target token rows of the edits: per record its new-target row and, if any, its old-target row."""
+    def _rows(self, records: list[EditRecord]) -> tuple[list[list[int]], list[list[int]], list[tuple[int, int, int | None]]]:
+        """Prompt and target token rows, and the training units ``(record index, new-target row, old-target row)``:
+        one unit per record and training language the record has."""
         cfg = self.loss_config
-        prompts, targets, new_rows, true_rows = [], [], [], []
-        for record in records:
-            facts = record.facts(self.edit_language)
-            prompt, new = join_prompt(facts.prompt, facts.target_new, self.edit_language)
-            p_ids = encode_prompt(self.tokenizer, prompt)
-            new_rows.append(len(targets))
-            prompts.append(p_ids)
-            targets.append(encode_continuation(self.tokenizer, new))
-            true_rows.append(None)
-            if facts.target_true and cfg.true_weight:
-                true_rows[-1] = len(targets)
+        prompts, targets, units = [], [], []
+        for k, record in enumerate(records):
+            for lang in self.train_languages or [self.edit_language]:
+                if lang not in record.languages and lang != self.edit_language:
+                    continue  # a record without this training language trains on the others
+                facts = record.facts(lang)
+                prompt, new = join_prompt(facts.prompt, facts.target_new, lang)
+                p_ids = encode_prompt(self.tokenizer, prompt)
+                new_row, true_row = len(targets), None
                 prompts.append(p_ids)
-                targets.append(encode_continuation(self.tokenizer, join_prompt(facts.prompt, facts.target_true, self.edit_language)[1]))
-        return prompts, targets, new_rows, true_rows
+                targets.append(encode_continuation(self.tokenizer, new))
+                if facts.target_true and cfg.true_weight:
+                    true_row = len(targets)
+                    prompts.append(p_ids)
+                    targets.append(encode_continuation(self.tokenizer, join_prompt(facts.prompt, facts.target_true, lang)[1]))
+                units.append((k, new_row, true_row))
+        return prompts, targets, units
+
+    def _attach(self, mask: NeuronMask | None):
+        """The trainable update of this run's method, hooked into the model (``None``: nothing to train)."""
+        if self.method == "memla":
+            return attach(self.causal_lm, self.arch, mask, self.lora_config)
+        if self.method == "lora":
+            layers = self.lora_config.layers or sorted(mask.union())
+            if not layers:
+                return None
+            return attach(self.causal_lm, self.arch, whole_layers(self.causal_lm, self.arch, layers, mask.record_id if mask else ""),
+                          self.lora_config.__class__(**{**asdict(self.lora_config), "categories": [CATEGORIES[0]]}))
+        return attach_values(self.causal_lm, self.arch, mask, self.values_config)
 
     def edit_many(self, records: list[EditRecord], masks: list[NeuronMask]) -> list[EditOutcome]:
         """Train the edits together on their united masks and apply them; one outcome per record."""
@@ -212,17 +302,20 @@ class KnowledgeEditor(L.LightningModule):
         self.causal_lm.eval()
         self._prepare_anchors()
         cfg = self.loss_config
-        mask = masks[0] if len(masks) == 1 else unite_masks(masks)
-        prompts, targets, new_rows, true_rows = self._rows(records)
+        known = [m for m in masks if m is not None]
+        mask = None if not known else known[0] if len(known) == 1 else unite_masks(known)
+        prompts, targets, units = self._rows(records)
         n_rows = len(targets)
         # Anchor rows predict one (unused) token at their last position.
         batch = pack(prompts + self._anchor_ids, targets + [[0]] * len(self._anchor_ids), self.tokenizer.pad_token_id).to(self.device)
 
+        handle = self._attach(mask)
+
         def outcomes(steps: int, loss_v: float, p_new: list[float], failed: str | None = None) -> list[EditOutcome]:
             took = time.perf_counter() - start
-            return [EditOutcome(r.id, steps, loss_v, p, m.count(), took, failed) for r, m, p in zip(records, masks, p_new)]
+            count = [m.count() if m is not None and self.method == "memla" else handle.count() if handle else 0 for m in masks]
+            return [EditOutcome(r.id, steps, loss_v, p, n, took, failed) for r, n, p in zip(records, count, p_new)]
 
-        handle = attach(self.causal_lm, self.arch, mask, self.lora_config)
         if handle is None:
             log.warning("records %s: no neuron located; the edit changes nothing", [r.id for r in records])
             return outcomes(0, float("nan"), [float("nan")] * len(records))
@@ -232,17 +325,18 @@ class KnowledgeEditor(L.LightningModule):
             logits = kept_logits(self.causal_lm, batch)  # [B, K, V]
             lp = target_logprobs(logits, batch)  # [B, K]
             loss = lp.new_zeros(())
-            for i, j in zip(new_rows, true_rows):
+            for _, i, j in units:
                 loss = loss + cfg.new_weight * (-lp[i].sum() / len(targets[i]))
                 if j is not None:
                     loss = loss + cfg.true_weight * lp[j].sum().exp()
-            loss = loss / len(records)
+            loss = loss / len(units)
             if self._anchor_ids:
                 post = torch.log_softmax(logits[n_rows:, -1].float(), -1)  # [A, V]
                 kl = (self._anchor_logp.exp() * (self._anchor_logp - post)).sum(-1).mean()
                 loss = loss + cfg.kl_weight * kl
             loss_v = float(loss.detach())
-            p_new = [float(lp[i].detach().sum().exp()) for i in new_rows]
+            p_unit = [float(lp[i].detach().sum().exp()) for _, i, _ in units]
+            p_new = [min((p for (k, _, _), p in zip(units, p_unit) if k == r), default=float("nan")) for r in range(len(records))]
             if not math.isfinite(loss_v):
                 handle.discard()
                 return self._rolled_back(outcomes(steps, loss_v, p_new, f"loss is {loss_v} at step {steps}"))
@@ -257,11 +351,26 @@ class KnowledgeEditor(L.LightningModule):
             return self._rolled_back(outcomes(steps, loss_v, p_new, "the trained update holds NaN or inf"))
         delta = handle.to_delta()
         undo = apply_delta(self.causal_lm, self.arch, delta, self.lora_config.apply)
+        if self.save_deltas:
+            self._save_delta([r.id for r in records], delta)
         if self.protocol == "sequential":
             self.applied.append(([r.id for r in records], delta))
         else:
             self._restore = undo
         return outcomes(steps, loss_v, p_new)
+
+    def _save_delta(self, record_ids: list[str], delta: NeuronDelta) -> None:
+        """``<log dir>/deltas/<record id>.safetensors`` (sequential: ``<step>_<first id>``, applied in file-name order)."""
+        folder = self._delta_dir
+        if folder is None:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in record_ids[0])
+        name = f"{len(self.applied):06d}_{safe}" if self.protocol == "sequential" else safe
+        delta.save(folder / f"{name}.safetensors", metadata={
+            "records": record_ids, "method": self.method_name, "protocol": self.protocol,
+            "model": self.lm_config.name_or_path, "edit_language": self.edit_language,
+        })
 
     def _rolled_back(self, outcomes: list[EditOutcome]) -> list[EditOutcome]:
         """The edits' adapters are dropped (the weights were never touched); say why."""
@@ -297,7 +406,7 @@ class KnowledgeEditor(L.LightningModule):
         masks = []
         for record in batch:
             mask = self.neuron_masks.get(record.id)
-            if mask is None:
+            if mask is None and self.needs_masks:
                 raise RuntimeError(
                     f"no neuron mask for record {record.id!r}: add the mke_lightning.callbacks.NeuronLocalization callback"
                 )
@@ -354,6 +463,8 @@ class KnowledgeEditor(L.LightningModule):
             self.applied.append((list(item["records"]), delta))
 
     def on_fit_start(self) -> None:
+        log_dir = self.trainer.log_dir if self.save_deltas else None  # a collective call: every rank makes it here
+        self._delta_dir = Path(log_dir) / "deltas" if log_dir else None
         if self.protocol == "sequential" and self.trainer.world_size > 1:
             raise NotImplementedError(
                 "the sequential protocol runs on one rank for now (ranks would edit different models); "

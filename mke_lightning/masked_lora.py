@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mke_lightning.architectures import ArchSpec, neuron_dim
+from mke_lightning.architectures import ArchSpec, neuron_dim, num_neurons
 from mke_lightning.neuron_delta import NeuronDelta, OnTop, Restore, can_write_in_place
 from mke_lightning.neurons import CATEGORIES, NeuronMask
 
@@ -41,6 +41,10 @@ class LoRAConfig:
 
     rank_factor: int = 4
     """LoRA rank per layer = rank_factor x located neurons (MEMLA uses 4)."""
+    rank: int | None = None
+    """A fixed rank per layer instead (plain LoRA, where every neuron of a layer is trainable)."""
+    layers: list[int] | None = None
+    """Plain LoRA (``model.method: lora``): the layers adapted; null: the layers holding the record's located neurons."""
     alpha_factor: float = 1.0
     """lora_alpha = alpha_factor x rank, so the LoRA scale alpha/r is alpha_factor."""
     merge_scale: float = 0.5
@@ -57,6 +61,10 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         if self.rank_factor < 1:
             raise ValueError("lora.rank_factor must be >= 1")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError("lora.rank must be >= 1 or null")
+        if self.layers is not None and not self.layers:
+            raise ValueError("lora.layers is empty; use null for the layers of the located neurons")
         unknown = set(self.categories) - set(CATEGORIES)
         if unknown:
             raise ValueError(f"lora.categories has unknown names {sorted(unknown)}; valid: {CATEGORIES}")
@@ -65,7 +73,7 @@ class LoRAConfig:
 
 
 class MaskedLoRA:
-    """Live masked adapters on a model; call :meth:`merge` or :meth:`discard`."""
+    """Live masked adapters on a model; finish with :meth:`to_delta` / :meth:`finish`, or :meth:`discard`."""
 
     def __init__(self, peft_model, model: nn.Module, arch: ArchSpec, mask: NeuronMask, cfg: LoRAConfig, layers: dict[str, dict[int, list[int]]]):
         self.peft_model = peft_model
@@ -84,11 +92,24 @@ class MaskedLoRA:
         for cat, per_layer in self.layers.items():
             for layer, idx in per_layer.items():
                 lora_a = self._lora_layer(layer).lora_A[cat].weight  # [r, d_ff]
+                if len(idx) == lora_a.shape[1]:
+                    continue  # every neuron of the layer is trainable: nothing to mask
                 col = torch.zeros(lora_a.shape[1], dtype=lora_a.dtype, device=lora_a.device)
                 col[torch.tensor(idx, device=lora_a.device)] = 1.0
                 with torch.no_grad():
                     lora_a.mul_(col)  # [r, d_ff] * [d_ff]: columns outside the neurons start at 0
                 self._hooks.append(lora_a.register_hook(lambda g, col=col: g * col))
+
+    def neurons(self) -> dict[int, list[int]]:
+        """Layer -> the neurons whose value vectors the adapters can change."""
+        out: dict[int, set[int]] = {}
+        for per_layer in self.layers.values():
+            for layer, idx in per_layer.items():
+                out.setdefault(layer, set()).update(idx)
+        return {l: sorted(v) for l, v in sorted(out.items())}
+
+    def count(self) -> int:
+        return sum(len(idx) for idx in self.neurons().values())
 
     def parameters(self) -> list[nn.Parameter]:
         out = []
@@ -142,7 +163,7 @@ class MaskedLoRA:
         deltas = self.delta()
         self._unload()
         dims = {layer: neuron_dim(self.model.get_submodule(self.arch.mlp_out_name(layer))) for layer in deltas}
-        return NeuronDelta.from_weight_deltas(deltas, self.mask.union(), dims)
+        return NeuronDelta.from_weight_deltas(deltas, self.neurons(), dims)
 
     def finish(self) -> Restore | OnTop:
         """Remove the adapters and apply the update as ``cfg.apply`` says; the result undoes it."""
@@ -163,6 +184,13 @@ def apply_delta(model: nn.Module, arch: ArchSpec, delta: NeuronDelta, mode: str 
     return delta.apply_on_top(model, arch)
 
 
+def whole_layers(model: nn.Module, arch: ArchSpec, layers: list[int], record_id: str = "") -> NeuronMask:
+    """A mask holding every neuron of ``layers`` (plain LoRA: one adapter per layer, nothing masked)."""
+    n_layers = len(model.get_submodule(arch.layers))
+    full = {l % n_layers: list(range(num_neurons(model.get_submodule(arch.mlp_out_name(l % n_layers))))) for l in layers}
+    return NeuronMask(record_id, {CATEGORIES[0]: full})
+
+
 def attach(model: nn.Module, arch: ArchSpec, mask: NeuronMask, cfg: LoRAConfig) -> MaskedLoRA | None:
     """Wrap ``model`` in place with masked adapters; ``None`` if no neuron is located."""
     from peft import LoraConfig as PeftLoraConfig
@@ -174,7 +202,7 @@ def attach(model: nn.Module, arch: ArchSpec, mask: NeuronMask, cfg: LoRAConfig) 
     peft_model = None
     for cat, per_layer in layers.items():
         names = [arch.mlp_out_name(l) for l in per_layer]
-        ranks = {re.escape(arch.mlp_out_name(l)): cfg.rank_factor * len(idx) for l, idx in per_layer.items()}
+        ranks = {re.escape(arch.mlp_out_name(l)): cfg.rank or cfg.rank_factor * len(idx) for l, idx in per_layer.items()}
         alphas = {k: cfg.alpha_factor * r for k, r in ranks.items()}
         first = next(iter(ranks.values()))
         pcfg = PeftLoraConfig(
