@@ -15,7 +15,7 @@ from mke_lightning.callbacks._protocol import languages_of, model_and_tokenizer
 from mke_lightning.evaluation import MEASURES, EditEvaluator, build_items, target_group
 from mke_lightning.metrics import PROTOCOLS
 from mke_lightning.perplexity import PerplexityConfig, PerplexityProbe, load_sample, ratios
-from mke_lightning.report import format_table, legend, write_reports
+from mke_lightning.report import format_retention_table, format_table, legend, write_reports
 from mke_lightning.report_plots import plot_heatmap
 
 
@@ -31,7 +31,21 @@ class EditEvaluation(L.Callback):
     running reliability in the edit language. At the end, the aggregate
     (synced across ranks) is printed as a table and ``results.json``,
     ``edits.csv``, ``perplexity.csv`` and ``heatmap_<protocol>.png`` are
-    written to the run's log dir (or ``output_dir``).
+    written to the run's log dir (or ``output_dir``). ``results.json`` also
+    says what the run was: the module's ``run_info()`` (method, protocol,
+    training languages, settings) and the DataModule's ``describe()`` (data
+    and selection), where they offer them.
+
+    Retention (``protocol == "sequential"`` on the module, during fit): every
+    edit stays in the model, so a later edit can undo an earlier one. Every
+    ``retention_every_n_edits`` edits and at the end of fit, all edits done so
+    far on this rank are scored again on the current model, with their own
+    items and the locality references taken just before each of them (the
+    reference is the model the edit was made on, so locality asks "is what
+    that edit left alone still there?"). Each such pass is one checkpoint of
+    the ``retention`` block of ``results.json`` (per-language summary, as the
+    main one); the last pass goes to ``retention.csv`` and is printed beside
+    the immediate figures. A pass costs one immediate evaluation per edit done.
 
     Works on any LightningModule that offers ``causal_lm`` (or
     ``get_causal_lm()``) and ``tokenizer``, with a DataModule offering
@@ -51,6 +65,7 @@ class EditEvaluation(L.Callback):
         log_protocols: list[str] | None = None,
         plots: bool = True,
         plot_protocols: list[str] | None = None,
+        retention_every_n_edits: int | None = None,
     ) -> None:
         """
         Args:
@@ -65,6 +80,8 @@ class EditEvaluation(L.Callback):
             log_protocols: protocols sent to the loggers per edit (default token_acc, gen_em).
             plots: write the heatmap PNGs.
             plot_protocols: one heatmap per protocol (default token_acc, gen_em).
+            retention_every_n_edits: sequential protocol only: also re-score every edit done so far
+                after each K-th edit (``None``: only once, at the end of fit, which always happens).
         """
         self.measures = tuple(measures or MEASURES)
         unknown = set(self.measures) - set(MEASURES)
@@ -77,6 +94,9 @@ class EditEvaluation(L.Callback):
                              ("plot_protocols", self.plot_protocols)):
             if set(chosen) - set(PROTOCOLS):
                 raise ValueError(f"EditEvaluation: {name} {sorted(set(chosen) - set(PROTOCOLS))} unknown; choose from {list(PROTOCOLS)}")
+        if retention_every_n_edits is not None and (isinstance(retention_every_n_edits, bool) or retention_every_n_edits < 1):
+            raise ValueError(f"EditEvaluation: retention_every_n_edits must be >= 1 or None, got {retention_every_n_edits!r}")
+        self.retention_every_n_edits = retention_every_n_edits
         self.batch_rows = batch_rows
         self.max_new_tokens = max_new_tokens
         self.perplexity = perplexity or PerplexityConfig()
@@ -94,6 +114,11 @@ class EditEvaluation(L.Callback):
         self._probe: PerplexityProbe | None = None
         self._position: dict[str, int] = {}
         self._running: dict[str, list[float]] = {}
+        self.retention: list[dict] = []  # sequential: one checkpoint per retention pass, in order
+        self.retention_rows: list[dict] = []  # the last pass's rows (all ranks' after the end of fit)
+        self._sequential = False
+        self._done: list[tuple] = []  # sequential: (record, items, pre-edit references) per edit of this rank, in order
+        self._passed = 0  # len(self._done) at the last retention pass
 
     # -- set-up -------------------------------------------------------------
     def _setup(self, trainer, pl_module, stage: str) -> None:
@@ -105,6 +130,8 @@ class EditEvaluation(L.Callback):
         self.rows, self.perplexity_rows, self.seconds, self.summary, self.written = [], [], {}, None, {}
         self._pending, self._running = {}, {"token_acc": [0.0, 0.0], "gen_em": [0.0, 0.0]}
         self._probe, self.ppl_pre = None, {}
+        self._sequential = stage == "fit" and getattr(pl_module, "protocol", None) == "sequential"
+        self.retention, self.retention_rows, self._done, self._passed = [], [], [], 0
         cfg = self.perplexity
         if cfg.enabled:
             sample = load_sample(cfg.path)
@@ -141,6 +168,8 @@ class EditEvaluation(L.Callback):
                     items = build_items(record, self.eval_langs, self.measures)
                     refs = self.evaluator.references(model, items)
                 rows = self.evaluator.score(model, items, refs)
+                if edited and self._sequential:
+                    self._done.append((record, items, refs))
                 for row in rows:
                     row.update(record_id=record.id, edit_lang=self.edit_lang,
                                group=target_group(record, self.edit_lang, row["eval_lang"]))
@@ -160,6 +189,35 @@ class EditEvaluation(L.Callback):
                                    prog_bar=True, logger=False)
         finally:
             model.train(was_training)
+
+    # -- retention (sequential protocol) ----------------------------------------
+    def _retention_pass(self, trainer, pl_module) -> None:
+        """Score every edit done so far (this rank) on the current model; one checkpoint, synced across ranks."""
+        model, _ = model_and_tokenizer(pl_module, "EditEvaluation")
+        start = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        rows: list[dict] = []
+        try:
+            for number, (record, items, refs) in enumerate(self._done, 1):
+                scored = self.evaluator.score(model, items, refs)  # batched as the edit's own evaluation
+                for row in scored:
+                    row.update(record_id=record.id, edit_number=number, edit_lang=self.edit_lang,
+                               group=target_group(record, self.edit_lang, row["eval_lang"]))
+                rows += scored
+        finally:
+            model.train(was_training)
+        aggregate = EvalAggregate(self.eval_langs, self.edit_lang).to(pl_module.device)
+        aggregate.update(rows, edits=len(self._done))
+        summary = aggregate.compute()  # every rank takes part (see on_train_batch_end)
+        summary.pop("perplexity_ratio", None)  # no perplexity in a retention pass
+        seconds = time.perf_counter() - start
+        self.retention.append({"edits_done": summary["edits"], "seconds_rank0": round(seconds, 3), "summary": summary})
+        self.retention_rows, self._passed = rows, len(self._done)
+        rank_zero_info(f"retention pass over {summary['edits']} edits ({seconds:.1f} s)")
+        metrics = {"retention/edits_done": float(summary["edits"]), **_view_metrics(summary, self.edit_lang, self.log_protocols, "retention")}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=summary["edits"])
 
     def _measure_perplexity(self, record_id: str) -> bool:
         n = self.perplexity.every_n_edits
@@ -199,8 +257,17 @@ class EditEvaluation(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._score(pl_module, batch, edited=True)
+        k = self.retention_every_n_edits
+        if self._sequential and k is not None:
+            crossed = len(self._done) // k > self._passed // k  # this rank's edits passed a multiple of K
+            # Every rank makes the pass or none does: the aggregate's sync is a collective call.
+            if trainer.strategy.reduce_boolean_decision(crossed, all=False):
+                self._retention_pass(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        # The last checkpoint is the end of the run: skipped when the model has not changed since a pass.
+        if self._sequential and trainer.strategy.reduce_boolean_decision(len(self._done) > self._passed, all=False):
+            self._retention_pass(trainer, pl_module)
         self._finish(trainer, pl_module, "edited")
 
     # -- validate / test: score the unedited model ---------------------------
@@ -234,25 +301,40 @@ class EditEvaluation(L.Callback):
         self.summary = summary
         self.rows = _gather(self.rows)
         self.perplexity_rows = _gather(self.perplexity_rows)
+        if self._sequential:
+            self.retention_rows = _gather(self.retention_rows)
         seconds = sorted(self.seconds.values())
         log_dir = trainer.log_dir  # a collective call under DDP: every rank makes it
         if summary["edits"] == 0 or not trainer.is_global_zero:
             return
+        run_info = getattr(pl_module, "run_info", None)
+        info = run_info() if callable(run_info) else {}  # a user's own module may not say
+        describe = getattr(trainer.datamodule, "describe", None)
         meta = {
             "model_state": model_state,
-            "method": getattr(pl_module, "method_name", type(pl_module).__name__),
+            "method": info.get("method") or getattr(pl_module, "method_name", type(pl_module).__name__),
+            **_picked(info, "protocol"),
             "model": getattr(getattr(pl_module, "lm_config", None), "name_or_path", None)
                      or type(model_and_tokenizer(pl_module, "EditEvaluation")[0]).__name__,
+            **({"data": describe()} if callable(describe) else {}),
             "edit_language": self.edit_lang,
             "eval_languages": self.eval_langs,
+            **_picked(info, "train_languages"),
             "records": summary["edits"],
             "world_size": trainer.world_size,
             "eval_seconds_per_edit_median_rank0": round(seconds[len(seconds) // 2], 3) if seconds else None,
             "perplexity": {"every_n_edits": self.perplexity.every_n_edits, "texts_per_language": self.perplexity.texts_per_language,
                            "max_tokens": self.perplexity.max_tokens, "sample": self.perplexity.path or "packaged"},
+            **_picked(info, "settings"),
         }
+        retention = None
+        if self.retention:
+            retention = {"every_n_edits": self.retention_every_n_edits,
+                         "locality_reference": "the model each edit was made on (taken just before it)",
+                         "checkpoints": self.retention}
         out_dir = Path(self.output_dir or log_dir or ".")
-        self.written = write_reports(out_dir, summary, self.rows, meta, self.perplexity_rows)
+        self.written = write_reports(out_dir, summary, self.rows, meta, self.perplexity_rows,
+                                     retention, self.retention_rows if retention else None)
         if self.plots:
             doc = {**meta, "results": summary}
             for proto in self.plot_protocols:
@@ -262,6 +344,10 @@ class EditEvaluation(L.Callback):
         if self.print_table:
             print(f"\n{model_state} model, edit language {self.edit_lang}, {meta['records']} edits ({legend(self.table_protocols)})")
             print(format_table(summary, self.eval_langs, self.table_protocols))
+            if retention:
+                print(f"\nretention (sequential protocol): imm = right after each edit, @N = after N edits; "
+                      f"edit language {self.edit_lang} and the mean over the other languages")
+                print(format_retention_table(summary, self.retention, self.edit_lang, self.table_protocols))
             print("\n".join(f"{name}: {path}" for name, path in self.written.items()))
 
 
@@ -272,6 +358,23 @@ def _gather(rows: list[dict]) -> list[dict]:
     parts: list[list[dict] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, rows)
     return [r for part in parts for r in (part or [])]
+
+
+def _picked(info: dict, key: str) -> dict:
+    """``{key: info[key]}``, or nothing where ``info`` lacks it (results.json leaves the key out)."""
+    return {key: info[key]} if key in info else {}
+
+
+def _view_metrics(summary: dict, edit_lang: str, protocols: tuple[str, ...], prefix: str) -> dict[str, float]:
+    """``<prefix>/edit_lang/<measure>/<protocol>`` and ``<prefix>/other_langs/...`` of a summary, for the loggers."""
+    out: dict[str, float] = {}
+    for scope, block in (("edit_lang", summary.get("language", {}).get(edit_lang, {})),
+                         ("other_langs", summary.get("average", {}).get("non_edit_languages", {}))):
+        for measure, cell in block.items():
+            for proto in protocols:
+                if proto in cell:
+                    out[f"{prefix}/{scope}/{measure}/{proto}"] = float(cell[proto])
+    return out
 
 
 def _flatten(summary: dict) -> dict[str, float]:

@@ -6,8 +6,10 @@ Reads each run's ``results.json`` and writes into ``--output``:
   language and averaged over the non-edit languages (one column per protocol);
 * ``heatmap_<protocol>.png``: one row per run (its edit language x every
   evaluation language), one panel per measure;
-* ``comparison.md``: the same figures as a Markdown table, with the mean
-  perplexity ratio where the run measured it.
+* ``comparison.md``: what each run was (method, protocol, model, data,
+  languages, metric protocols, the settings where runs differ), then the
+  same figures as a Markdown table, with the mean perplexity ratio where the
+  run measured it. Fields an older ``results.json`` lacks show as ``-``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,50 @@ from mke_lightning.report_plots import plot_heatmap, plot_methods
 def run_label(doc: dict) -> str:
     """``<method> (<edited|unedited>)``: the default name of a run in the charts."""
     return f"{doc.get('method', 'run')} ({doc.get('model_state', '?')})"
+
+
+def _data_text(data: dict | None) -> str:
+    """``<format> <file or folder name> [offset/limit/ids/seed], <n> records`` of a run's ``data`` block."""
+    if not data:
+        return "-"
+    if not isinstance(data, dict):  # a user's DataModule may describe itself otherwise
+        return str(data)
+    sel = data.get("selection") or {}
+    picked = [f"{k} {v}" for k, v in (("offset", sel.get("offset") or None), ("limit", sel.get("limit")),  # offset 0: left out
+                                      ("seed", sel.get("seed"))) if v is not None]
+    if sel.get("ids"):
+        picked.append(f"{len(sel['ids'])} ids")
+    text = f"{data.get('format', '?')} {Path(str(data.get('path', '?'))).name}"
+    text += f" ({', '.join(picked)})" if picked else ""
+    return text + f", {data.get('records_selected', '?')} records"
+
+
+def _flat(settings: dict | None, prefix: str = "") -> dict[str, object]:
+    """``{"loss.max_steps": 60, ...}`` of a nested settings block."""
+    out: dict[str, object] = {}
+    for key, value in (settings or {}).items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def runs_table(runs: list[tuple[str, dict]]) -> str:
+    """Markdown: one row per run saying what it was; ``settings`` lists only the settings on which runs differ."""
+    flat = [_flat(d.get("settings")) for _, d in runs]
+    keys = sorted({k for f in flat for k in f})
+    differ = [k for k in keys if len({repr(f.get(k, "-")) for f in flat}) > 1]
+    head = ["run", "method", "protocol", "model", "data", "edit lang", "eval langs", "train langs", "metric protocols", "settings (where runs differ)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (label, doc), f in zip(runs, flat):
+        langs = lambda key: ", ".join(doc[key]) if doc.get(key) else "-"
+        cells = [label, str(doc.get("method", "-")), str(doc.get("protocol", "-")), str(doc.get("model", "-")),
+                 _data_text(doc.get("data")), str(doc.get("edit_language", "-")), langs("eval_languages"),
+                 langs("train_languages"), ", ".join(doc.get("metric_protocols") or []) or "-",
+                 "; ".join(f"{k}={f.get(k, '-')}" for k in differ) or "-"]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def comparison_table(runs: list[tuple[str, dict]], protocols: tuple[str, ...]) -> str:
@@ -66,7 +112,7 @@ def compare_runs(run_dirs: list[str], output: str | Path, labels: list[str] | No
     for proto in protocols:
         written[f"heatmap_{proto}"] = plot_heatmap(rows, out / f"heatmap_{proto}.png", proto)
     written["table"] = out / "comparison.md"
-    written["table"].write_text(comparison_table(runs, protocols), encoding="utf-8")
+    written["table"].write_text(runs_table(runs) + "\n" + comparison_table(runs, protocols), encoding="utf-8")
     return written
 
 

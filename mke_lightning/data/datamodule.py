@@ -342,6 +342,36 @@ class EditDataModule(L.LightningDataModule):
         """Counts the adapter reports (MLaKE: linked and unlinked multi-hop questions)."""
         return {} if self._data is None else self._data.notes()
 
+    def describe(self) -> dict[str, Any]:
+        """Which data the run used and how its records were picked (``results.json``'s ``data``; loads the data).
+
+        ``format`` is the one read (detected, for ``"auto"``); ``files`` the files read
+        side by side (MzsRE: one pair file per language); ``selection`` the settings that
+        pick the records (``seed``: ``None`` = file order, else the shuffle's seed);
+        ``records_selected`` counts them over all ranks, after records lacking a needed
+        language were left out; ``skipped``: bad records left out (``on_error: skip``).
+        """
+        self._load()
+        assert self._data is not None
+        demo = self.format == "demo"
+        out: dict[str, Any] = {
+            "format": "jsonl" if demo else formats.detect_format(self.path) if self.format == "auto" else self.format,
+            "format_option": self.format,
+            "path": str(demo_path()) if demo else str(self.path),
+            "files": [str(f.path) for f in self._data.parser.files],
+            "edit_language": self.edit_language,
+            "eval_languages": self.eval_languages,
+            "selection": {"ids": self.ids, "offset": self.offset, "limit": self.limit, "seed": self.seed},
+            "batch_size": self.batch_size,
+            "records_in_data": len(self._data),
+            "records_selected": self.num_selected,
+            "on_error": self.on_error,
+            "skipped": self.skipped,
+        }
+        if self.notes:
+            out["notes"] = self.notes
+        return out
+
     # -------------------------------------------------------------- dataloaders
 
     def _largest_share(self) -> int:
