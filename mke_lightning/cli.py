@@ -44,6 +44,11 @@ def main() -> None:
 
         report_main(argv[1:])
         return
+    if argv[:1] == ["export"]:
+        from mke_lightning.export import export_main
+
+        export_main(argv[1:])
+        return
     cli_main()
 
 

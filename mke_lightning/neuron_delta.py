@@ -17,7 +17,10 @@ It reaches the model in one of two ways:
   partitioned across ranks. Calling the returned handle removes the hooks.
 
 Both give the same function of the input (up to rounding of the weight dtype).
-:meth:`save` / :meth:`load` keep a delta as safetensors.
+:meth:`save` / :meth:`load` keep a delta as safetensors (tensors ``<layer>.index``
+and ``<layer>.values``, JSON metadata under the key ``mke``); :func:`read_delta`
+returns the metadata too, and a file that holds no delta raises
+:class:`NotADeltaError` naming it.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mke_lightning.architectures import ArchSpec, neuron_dim
+from mke_lightning.architectures import ArchSpec, neuron_dim, num_layers, weight_shape
 
 
 @dataclass
@@ -54,6 +57,10 @@ class OnTop:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+
+
+class NotADeltaError(ValueError):
+    """A file that does not hold a :class:`NeuronDelta`; the message names the file."""
 
 
 def can_write_in_place(module: nn.Module) -> bool:
@@ -82,6 +89,22 @@ class NeuronDelta:
 
     def count(self) -> int:
         return sum(int(idx.numel()) for idx, _ in self.layers.values())
+
+    def check_fits(self, model: nn.Module, arch: ArchSpec) -> None:
+        """Raise ``ValueError`` unless every layer, neuron index and value width of the delta exists in ``model``."""
+        n_layers = num_layers(model, arch)
+        for layer, (idx, values) in self.layers.items():
+            if not 0 <= layer < n_layers:
+                raise ValueError(f"layer {layer} is not in the model (it has {n_layers} layers); was the delta made on another model?")
+            module = model.get_submodule(arch.mlp_out_name(layer))
+            dim = neuron_dim(module)
+            shape = weight_shape(module)  # [d_model, d_ff] (Linear) or [d_ff, d_model] (Conv1D)
+            if idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < shape[dim]):
+                raise ValueError(f"layer {layer}: neuron indices {int(idx.min())}..{int(idx.max())} do not fit "
+                                 f"the model's {shape[dim]} neurons; was the delta made on another model?")
+            if values.shape[1] != shape[1 - dim]:
+                raise ValueError(f"layer {layer}: value vectors have width {values.shape[1]}, the model's are "
+                                 f"{shape[1 - dim]} wide; was the delta made on another model?")
 
     @torch.no_grad()
     def merge_into(self, model: nn.Module, arch: ArchSpec) -> Restore:
@@ -123,11 +146,61 @@ class NeuronDelta:
 
     @classmethod
     def load(cls, path: str | Path) -> "NeuronDelta":
-        from safetensors.torch import load_file
+        """The delta saved in ``path``; :class:`NotADeltaError` if the file holds none."""
+        return cls(_layers(_open(path)[0], path))
 
-        tensors = load_file(str(path))
-        layers = {int(k.split(".")[0]) for k in tensors}
-        return cls({l: (tensors[f"{l}.index"], tensors[f"{l}.values"]) for l in sorted(layers)})
+
+def read_delta(path: str | Path) -> tuple[NeuronDelta, dict]:
+    """The delta saved in ``path`` and the metadata it was saved with (a JSON object)."""
+    tensors, meta = _open(path)
+    delta = NeuronDelta(_layers(tensors, path))
+    if "mke" not in meta:
+        raise NotADeltaError(f"{path}: no 'mke' metadata (not written by NeuronDelta.save)")
+    try:
+        info = json.loads(meta["mke"])
+    except json.JSONDecodeError as err:
+        raise NotADeltaError(f"{path}: the 'mke' metadata is not JSON ({err})") from None
+    if not isinstance(info, dict):
+        raise NotADeltaError(f"{path}: the 'mke' metadata is a JSON {type(info).__name__}, expected an object")
+    return delta, info
+
+
+def _open(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the string metadata of a safetensors file."""
+    from safetensors import SafetensorError, safe_open
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such delta file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except SafetensorError as err:
+        raise NotADeltaError(f"{path}: not a safetensors file ({err})") from None
+
+
+def _layers(tensors: dict[str, torch.Tensor], path: str | Path) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """``{layer: (index [n], values [n, d_model])}`` from the tensors ``<layer>.index`` and ``<layer>.values``."""
+    parts: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        layer, _, part = key.partition(".")
+        if not layer.isdigit() or part not in ("index", "values"):
+            raise NotADeltaError(f"{path}: tensor {key!r} is not part of a delta (expected '<layer>.index' and '<layer>.values')")
+        parts.setdefault(int(layer), {})[part] = t
+    if not parts:
+        raise NotADeltaError(f"{path}: holds no tensors")
+    out = {}
+    for layer in sorted(parts):
+        missing = {"index", "values"} - set(parts[layer])
+        if missing:
+            raise NotADeltaError(f"{path}: layer {layer} has no '{layer}.{missing.pop()}' tensor")
+        idx, values = parts[layer]["index"], parts[layer]["values"]
+        if idx.dim() != 1 or idx.is_floating_point() or idx.is_complex():
+            raise NotADeltaError(f"{path}: '{layer}.index' is {idx.dtype} {tuple(idx.shape)}, expected integers [n]")
+        if values.dim() != 2 or values.shape[0] != idx.numel() or not values.is_floating_point():
+            raise NotADeltaError(f"{path}: '{layer}.values' is {values.dtype} {tuple(values.shape)}, "
+                                 f"expected floats [{idx.numel()}, d_model]")
+        out[layer] = (idx.long(), values)
+    return out
 
 
 def _adder(idx: torch.Tensor, values: torch.Tensor):
