@@ -313,7 +313,8 @@ class KnowledgeEditor(L.LightningModule):
 
         def outcomes(steps: int, loss_v: float, p_new: list[float], failed: str | None = None) -> list[EditOutcome]:
             took = time.perf_counter() - start
-            count = [m.count() if m is not None and self.method == "memla" else handle.count() if handle else 0 for m in masks]
+            count = [sum(len(i) for c in self.lora_config.categories for i in m.category(c).values())
+                     if m is not None and self.method == "memla" else handle.count() if handle else 0 for m in masks]
             return [EditOutcome(r.id, steps, loss_v, p, n, took, failed) for r, n, p in zip(records, count, p_new)]
 
         if handle is None:

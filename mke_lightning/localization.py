@@ -56,6 +56,9 @@ class LocalizationConfig:
     """Attribute the paraphrases as well as the edit prompt."""
     max_paraphrases: int | None = None
     """Paraphrases per language attributed, the first ones (null: all)."""
+    templates: list[str] = field(default_factory=list)
+    """Extra prompts made from each language's edit prompt, each template holding ``{prompt}``
+    (e.g. ``"Q: {prompt} A:"``); attributed like paraphrases."""
 
     def __post_init__(self) -> None:
         if self.threshold is None and self.top_k is None:
@@ -74,6 +77,9 @@ class LocalizationConfig:
                 raise ValueError(f"localization.{name} must be in (0, 1], got {value}")
         if not self.cross_languages:
             raise ValueError("localization.cross_languages is empty")
+        for t in self.templates:
+            if "{prompt}" not in t:
+                raise ValueError(f"localization.templates: {t!r} has no {{prompt}} slot")
         if self.max_paraphrases is not None and self.max_paraphrases < 0:
             raise ValueError(f"localization.max_paraphrases must be >= 0 or null, got {self.max_paraphrases}")
 
@@ -176,7 +182,8 @@ def localisation_prompts(tokenizer, record: EditRecord, languages: list[str], cf
         paraphrases = list(facts.paraphrases) if cfg.use_paraphrases else []
         if cfg.max_paraphrases is not None:
             paraphrases = paraphrases[: cfg.max_paraphrases]
-        for text in [facts.prompt, *paraphrases]:
+        templated = [t.replace("{prompt}", facts.prompt) for t in cfg.templates]
+        for text in [facts.prompt, *paraphrases, *templated]:
             entries.append((encode_prompt(tokenizer, join_prompt(text, "x", lang)[0]), lang, facts.target_new, facts.target_true))
             lang_of.append(lang)
     return entries, lang_of

@@ -1,0 +1,126 @@
+"""Per-edit optimisation time of each method against the floor of any
+gradient-based edit: the same number of bare forward+backward passes over
+the same batches.
+
+    python bench/method_overhead.py --edits 5
+
+For every method and edit: the editor's whole optimisation (attach the
+update, its loop, projection after each step, turn it into a delta, apply
+it; localisation not included) is timed, then the same number of passes is
+repeated with nothing of ours: the model's forward on the same packed batch,
+the same target log-probabilities, and a backward into a zero vector added
+at the edited layers' outputs (so the backward reaches exactly as deep).
+The ratio of the two is the optimisation's overhead (target <= 1.25).
+Records: MzsRE, English edit prompts (``--data``); methods share one set of
+located neurons per record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from mke_lightning.attribution import AttributionConfig
+from mke_lightning.data.mzsre import read_mzsre
+from mke_lightning.editor import EditLossConfig, KnowledgeEditor
+from mke_lightning.localization import LocalizationConfig, locate
+from mke_lightning.masked_lora import LoRAConfig
+from mke_lightning.model_loading import ModelConfig, load_causal_lm
+from mke_lightning.scoring import kept_logits, pack, target_logprobs
+from mke_lightning.value_update import ValueUpdateConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+METHODS = {
+    "memla": dict(lora=LoRAConfig(merge_scale=1.0), lr=5e-3),
+    "memla-no_independent": dict(lora=LoRAConfig(merge_scale=1.0, categories=["specific"]), lr=5e-3),
+    "lora": dict(method="lora", lora=LoRAConfig(merge_scale=1.0, rank=8), lr=5e-3),
+    "ft_l": dict(method="ft_l", values=ValueUpdateConfig(layers=[12], max_abs=5e-3), lr=1e-3),
+    "lafn": dict(method="lafn", lr=5e-2),
+}
+
+
+def bare_passes(ed: KnowledgeEditor, record, layers: list[int], steps: int) -> float:
+    """Seconds for ``steps`` forward+backward passes on the edit's batch, with nothing of the editor's in the loop."""
+    model, cfg = ed.causal_lm, ed.loss_config
+    prompts, targets, units = ed._rows([record])
+    batch = pack(prompts, targets, ed.tokenizer.pad_token_id)
+    d_model = model.config.hidden_size
+    z = torch.zeros(d_model, requires_grad=True)  # [d_model]: where the backward must reach
+    hooks = [model.get_submodule(ed.arch.mlp_out_name(l)).register_forward_hook(lambda m, a, out: out + z) for l in layers]
+    try:
+        start = time.perf_counter()
+        for _ in range(steps):
+            lp = target_logprobs(kept_logits(model, batch), batch)  # [B, K]
+            loss = sum(cfg.new_weight * (-lp[i].sum() / len(targets[i])) + (cfg.true_weight * lp[j].sum().exp() if j is not None else 0)
+                       for _, i, j in units) / len(units)
+            z.grad = None
+            loss.backward()
+        return time.perf_counter() - start
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--edits", type=int, default=5)
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "mzsre"))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--lafn-languages", default="en,cs,de,nl,es,fr,pt,ru,th,tr,vi,zh")
+    args = ap.parse_args()
+    langs = args.lafn_languages.split(",")
+
+    torch.manual_seed(0)
+    model, tok, arch = load_causal_lm(ModelConfig())
+    records = read_mzsre(args.data, langs)[: args.edits]
+    memla_loc = LocalizationConfig(attribution=AttributionConfig(steps=10))
+    lafn_loc = LocalizationConfig(attribution=AttributionConfig(method="activation"), threshold=None, top_k=200,
+                                  cross_languages=langs, prompt_fraction=0.5)
+    masks = {r.id: locate(model, tok, arch, r, "en", memla_loc) for r in records}
+    lafn_masks = {r.id: locate(model, tok, arch, r, "en", lafn_loc) for r in records}
+
+    report = {}
+    for name in args.methods:
+        kw = dict(METHODS[name])
+        lr = kw.pop("lr")
+        if name == "lafn":
+            kw["train_languages"] = langs
+        ed = KnowledgeEditor(loss=EditLossConfig(), optimizer=lambda p, lr=lr: torch.optim.Adam(p, lr=lr), **kw)
+        ed.causal_lm, ed.tokenizer, ed.arch = model, tok, arch
+        edit_s, bare_s, ratios, steps = [], [], [], []
+        for record in records:
+            mask = (lafn_masks if name == "lafn" else masks)[record.id]
+            start = time.perf_counter()
+            out = ed.edit(record, mask)
+            took = time.perf_counter() - start
+            ed.restore()
+            layers = sorted(ed.values_config.neurons(model, arch, mask)) if name in ("lafn", "ft_l") else \
+                sorted(ed.lora_config.layers or mask.union()) if name == "lora" else \
+                sorted({l for c in ed.lora_config.categories for l in mask.category(c)})
+            if out.steps == 0 or not layers:
+                continue
+            bare = bare_passes(ed, record, layers, out.steps)
+            edit_s.append(took)
+            bare_s.append(bare)
+            ratios.append(took / bare)
+            steps.append(out.steps)
+        report[name] = {
+            "edits": len(ratios),
+            "median_s_per_edit": round(statistics.median(edit_s), 3),
+            "median_bare_s": round(statistics.median(bare_s), 3),
+            "median_ratio": round(statistics.median(ratios), 3),
+            "total_ratio": round(sum(edit_s) / sum(bare_s), 3),
+            "median_steps": statistics.median(steps),
+        }
+        print(name, json.dumps(report[name]), flush=True)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
