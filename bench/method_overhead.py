@@ -41,7 +41,7 @@ METHODS = {
     "memla-no_independent": dict(lora=LoRAConfig(merge_scale=1.0, categories=["specific"]), lr=5e-3),
     "lora": dict(method="lora", lora=LoRAConfig(merge_scale=1.0, rank=8), lr=5e-3),
     "ft_l": dict(method="ft_l", values=ValueUpdateConfig(layers=[12], max_abs=5e-3), lr=1e-3),
-    "lafn": dict(method="lafn", lr=5e-2),
+    "lafn": dict(method="lafn", loss=EditLossConfig(true_weight=0.0), lr=1e-2),
 }
 
 
@@ -81,7 +81,7 @@ def main() -> None:
     records = read_mzsre(args.data, langs)[: args.edits]
     memla_loc = LocalizationConfig(attribution=AttributionConfig(steps=10))
     lafn_loc = LocalizationConfig(attribution=AttributionConfig(method="activation"), threshold=None, top_k=200,
-                                  cross_languages=langs, prompt_fraction=0.5)
+                                  cross_languages=langs, prompt_fraction=0.5, templates=["Q: {prompt} A:"])
     masks = {r.id: locate(model, tok, arch, r, "en", memla_loc) for r in records}
     lafn_masks = {r.id: locate(model, tok, arch, r, "en", lafn_loc) for r in records}
 
@@ -91,7 +91,8 @@ def main() -> None:
         lr = kw.pop("lr")
         if name == "lafn":
             kw["train_languages"] = langs
-        ed = KnowledgeEditor(loss=EditLossConfig(), optimizer=lambda p, lr=lr: torch.optim.Adam(p, lr=lr), **kw)
+        kw.setdefault("loss", EditLossConfig())
+        ed = KnowledgeEditor(optimizer=lambda p, lr=lr: torch.optim.Adam(p, lr=lr), **kw)
         ed.causal_lm, ed.tokenizer, ed.arch = model, tok, arch
         edit_s, bare_s, ratios, steps = [], [], [], []
         for record in records:

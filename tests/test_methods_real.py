@@ -31,7 +31,7 @@ def test_method_edits_a_real_fact_and_restores(real_model, mzsre_dir, method):
     settings = {
         "lora": dict(method="lora", lora=LoRAConfig(rank=8, layers=[12, 15, 17], merge_scale=1.0), lr=5e-3),
         "ft_l": dict(method="ft_l", values=ValueUpdateConfig(layers=[12], max_abs=5e-3), lr=1e-3),
-        "lafn": dict(method="lafn", train_languages=LANGS, lr=5e-2, loss=EditLossConfig(true_weight=0.0, max_steps=30)),
+        "lafn": dict(method="lafn", train_languages=LANGS, lr=1e-2, loss=EditLossConfig(true_weight=0.0, max_steps=30)),
     }[method]
     lr = settings.pop("lr")
     ed = KnowledgeEditor(optimizer=lambda p: torch.optim.Adam(p, lr=lr), **settings)
