@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The MzsRE method comparison of docs/results.md: records 0-99, edit in English,
+# evaluate in all 12 languages, embedded model. Runs one method after another;
+# each run checkpoints every 5 edits, so running this script again resumes an
+# unfinished run where it stopped (--ckpt_path last) and skips finished ones.
+#
+#   bash bench/mzsre_comparison.sh [DATA_DIR] [RUN ...]
+#
+# DATA_DIR defaults to ../shared/data/mzsre; RUN names (default: all, in this
+# order): ft_l memla lora memla-no_independent memla-no_specific lafn
+# memla-sequential lafn-sequential. Outputs: runs/mzsre-<RUN>/version_0/
+# (results.json, edits.csv, heatmaps, deltas/), then the comparison in
+# runs/mzsre-compare/ (mke report).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${1:-../shared/data/mzsre}
+shift || true
+RUNS=("$@")
+if [ ${#RUNS[@]} -eq 0 ]; then
+  RUNS=(ft_l memla lora memla-no_independent memla-no_specific lafn memla-sequential lafn-sequential)
+fi
+MKE=${MKE:-mke}
+
+run() {  # run NAME CONFIG [EXTRA ARGS...]
+  local name=$1 config=$2
+  shift 2
+  local dir=runs/mzsre-$name
+  if [ -f "$dir/version_0/results.json" ]; then
+    echo "== $name: done ($dir/version_0/results.json)"
+    return
+  fi
+  local resume=()
+  if [ -f "$dir/checkpoints/last.ckpt" ]; then
+    resume=(--ckpt_path last)
+    echo "== $name: resuming from $dir/checkpoints/last.ckpt"
+  else
+    echo "== $name: starting"
+  fi
+  "$MKE" fit --config "$config" --data.path "$DATA" \
+    --trainer.logger.init_args.name "mzsre-$name" --trainer.logger.init_args.version 0 \
+    "$@" "${resume[@]}"
+}
+
+for r in "${RUNS[@]}"; do
+  case $r in
+    ft_l | memla | lora | lafn) run "$r" "configs/mzsre/$r.yaml" ;;
+    memla-no_independent) run "$r" configs/mzsre/memla.yaml --model.lora.categories '[specific]' ;;
+    memla-no_specific) run "$r" configs/mzsre/memla.yaml --model.lora.categories '[independent]' ;;
+    memla-sequential | lafn-sequential)
+      run "$r" "configs/mzsre/${r%-sequential}.yaml" --model.protocol sequential ;;
+    *) echo "unknown run $r" >&2; exit 2 ;;
+  esac
+done
+
+"$MKE" report runs/mzsre-*/version_0 --output runs/mzsre-compare
