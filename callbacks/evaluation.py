@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mke_lightning.aggregate import EvalAggregate
 from mke_lightning.callbacks._protocol import languages_of, model_and_tokenizer
-from mke_lightning.evaluation import MEASURES, EditEvaluator, build_items, target_group
+from mke_lightning.evaluation import MEASURES, EditEvaluator, Item, build_items, target_group
 from mke_lightning.metrics import PROTOCOLS
 from mke_lightning.perplexity import PerplexityConfig, PerplexityProbe, load_sample, ratios
 from mke_lightning.report import format_retention_table, format_table, legend, write_reports
@@ -46,6 +47,15 @@ class EditEvaluation(L.Callback):
     the ``retention`` block of ``results.json`` (per-language summary, as the
     main one); the last pass goes to ``retention.csv`` and is printed beside
     the immediate figures. A pass costs one immediate evaluation per edit done.
+
+    Resume (``--ckpt_path last`` with :class:`~mke_lightning.callbacks.EditCheckpoint`):
+    the evaluation so far is in the checkpoint (:meth:`state_dict`): every
+    rank's rows, per-edit seconds and perplexity rows, the pre-edit perplexity,
+    the retention items and references, gathered rank by rank, and the
+    aggregate's states summed over the ranks. A resumed fit gives each rank the
+    rows of the records it holds now, adds the saved states to rank 0's, and
+    takes the pre-edit perplexity from the checkpoint (the model may already
+    hold re-applied edits), so its files are those of a run never stopped.
 
     Works on any LightningModule that offers ``causal_lm`` (or
     ``get_causal_lm()``) and ``tokenizer``, with a DataModule offering
@@ -117,8 +127,12 @@ class EditEvaluation(L.Callback):
         self.retention: list[dict] = []  # sequential: one checkpoint per retention pass, in order
         self.retention_rows: list[dict] = []  # the last pass's rows (all ranks' after the end of fit)
         self._sequential = False
-        self._done: list[tuple] = []  # sequential: (record, items, pre-edit references) per edit of this rank, in order
+        # sequential: (record id, items, pre-edit references, target group per language) per edit of this rank, in order
+        self._done: list[tuple] = []
         self._passed = 0  # len(self._done) at the last retention pass
+        self._ppl_langs: list[str] = []
+        self._resume: dict | None = None  # a checkpoint's evaluation, until the fit starts
+        self._fit_set_up = False  # set up for fit: state_dict() has something to save
 
     # -- set-up -------------------------------------------------------------
     def _setup(self, trainer, pl_module, stage: str) -> None:
@@ -132,12 +146,18 @@ class EditEvaluation(L.Callback):
         self._probe, self.ppl_pre = None, {}
         self._sequential = stage == "fit" and getattr(pl_module, "protocol", None) == "sequential"
         self.retention, self.retention_rows, self._done, self._passed = [], [], [], 0
+        resume, self._resume = (self._resume if stage == "fit" else None), None
         cfg = self.perplexity
-        if cfg.enabled:
-            sample = load_sample(cfg.path)
-            langs = cfg.languages or [l for l in self.eval_langs if l in sample]
-            if langs:
-                self._probe = PerplexityProbe(tokenizer, sample, langs, cfg)
+        sample = load_sample(cfg.path) if cfg.enabled else {}
+        self._ppl_langs = (cfg.languages or [l for l in self.eval_langs if l in sample]) if cfg.enabled else []
+        if resume is not None:
+            self._check_resumable(resume)
+        if self._ppl_langs:
+            self._probe = PerplexityProbe(tokenizer, sample, self._ppl_langs, cfg)
+            if resume is not None:  # the model may hold re-applied edits (sequential): the saved one is the pre-edit one
+                parts = [part["ppl_pre"] for part in resume["ranks"]]
+                self.ppl_pre = dict(parts[trainer.global_rank] if trainer.global_rank < len(parts) else parts[0])
+            else:
                 start = time.perf_counter()
                 self.ppl_pre = self._probe.measure(model)  # once per run: every edit starts from this model
                 rank_zero_info(f"pre-edit perplexity ({time.perf_counter() - start:.1f} s): "
@@ -145,6 +165,12 @@ class EditEvaluation(L.Callback):
         all_records = getattr(trainer.datamodule, "all_records", None)
         ids = getattr(all_records, "ids", None) if stage == "fit" else None
         self._position = {rid: i for i, rid in enumerate(ids() if callable(ids) else (ids or []))}
+        if resume is not None:
+            self._restore(trainer, pl_module, resume)
+        elif stage == "fit" and getattr(pl_module, "resumed", None):
+            rank_zero_warn("EditEvaluation: resumed from a checkpoint without an evaluation state (the callback was not in "
+                           "that run?); the results cover only the edits made from here on")
+        self._fit_set_up = stage == "fit"
 
     # -- scoring --------------------------------------------------------------
     def _references(self, pl_module, batch) -> None:
@@ -168,11 +194,11 @@ class EditEvaluation(L.Callback):
                     items = build_items(record, self.eval_langs, self.measures)
                     refs = self.evaluator.references(model, items)
                 rows = self.evaluator.score(model, items, refs)
+                groups = {lang: target_group(record, self.edit_lang, lang) for lang in dict.fromkeys(it.lang for it in items)}
                 if edited and self._sequential:
-                    self._done.append((record, items, refs))
+                    self._done.append((record.id, items, refs, groups))
                 for row in rows:
-                    row.update(record_id=record.id, edit_lang=self.edit_lang,
-                               group=target_group(record, self.edit_lang, row["eval_lang"]))
+                    row.update(record_id=record.id, edit_lang=self.edit_lang, group=groups[row["eval_lang"]])
                 self.aggregate.update(rows, edits=1)
                 self.rows += rows
                 metrics = self._edit_metrics(rows)
@@ -199,11 +225,11 @@ class EditEvaluation(L.Callback):
         model.eval()
         rows: list[dict] = []
         try:
-            for number, (record, items, refs) in enumerate(self._done, 1):
+            for number, (record_id, items, refs, groups) in enumerate(self._done, 1):
                 scored = self.evaluator.score(model, items, refs)  # batched as the edit's own evaluation
                 for row in scored:
-                    row.update(record_id=record.id, edit_number=number, edit_lang=self.edit_lang,
-                               group=target_group(record, self.edit_lang, row["eval_lang"]))
+                    row.update(record_id=record_id, edit_number=number, edit_lang=self.edit_lang,
+                               group=groups[row["eval_lang"]])
                 rows += scored
         finally:
             model.train(was_training)
@@ -269,6 +295,103 @@ class EditEvaluation(L.Callback):
         if self._sequential and trainer.strategy.reduce_boolean_decision(len(self._done) > self._passed, all=False):
             self._retention_pass(trainer, pl_module)
         self._finish(trainer, pl_module, "edited")
+
+    # -- checkpoint and resume ------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # Lightning loads a checkpoint's state after this, and before on_fit_start (but under DeepSpeed and FSDP)
+        self._fit_set_up = False
+
+    def state_dict(self) -> dict:
+        """The fit's evaluation so far, for a checkpoint (empty outside fit).
+
+        Lightning calls this on every rank and rank 0 writes the file, so each
+        rank's part is gathered here (collective calls): ``ranks`` holds one
+        part per rank, each with its edits' record ids (in the order made),
+        rows, perplexity rows, seconds, run positions, pre-edit perplexity and,
+        under the sequential protocol, retention items and references;
+        ``aggregate`` holds the aggregate's states summed over the ranks. Plain
+        lists, dicts and tensors: the file loads with ``weights_only``.
+        """
+        if not self._fit_set_up:
+            return {}
+        mine = [rid for rid in self.seconds if rid not in self._pending]
+        own = set(mine)  # after the end of fit the row lists hold every rank's rows: keep this rank's
+        part = {
+            "records": mine,
+            "rows": [r for r in self.rows if r["record_id"] in own],
+            "perplexity_rows": [r for r in self.perplexity_rows if r["record_id"] in own],
+            "seconds": {rid: self.seconds[rid] for rid in mine},
+            "positions": {rid: self._position[rid] for rid in mine if rid in self._position},
+            "ppl_pre": dict(self.ppl_pre),
+            "done": [{"record_id": rid, "items": [asdict(it) for it in items], "refs": refs, "groups": groups}
+                     for rid, items, refs, groups in self._done],
+            "retained": [rid for rid, *_ in self._done[: self._passed]],
+            "retention_rows": [r for r in self.retention_rows if r["record_id"] in own],
+        }
+        return {
+            "settings": self._settings(),
+            "ranks": _gather_parts(part),
+            "aggregate": self.aggregate.saved_states(),
+            "retention": self.retention,  # the passes' summaries, synced: the same on every rank
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not state_dict:
+            return
+        if self._fit_set_up:  # the strategy restores checkpoints after on_fit_start (DeepSpeed, FSDP)
+            rank_zero_warn("EditEvaluation: the checkpoint's evaluation arrived after the fit started and is not restored; "
+                           "the results cover only the edits made from here on")
+            return
+        self._resume = state_dict  # taken back in _setup, once the languages and this rank's records are known
+
+    def _settings(self) -> dict:
+        """What the saved figures depend on: a resumed run must have the same."""
+        return {"edit_language": self.edit_lang, "eval_languages": list(self.eval_langs), "measures": list(self.measures),
+                "perplexity_languages": list(self._ppl_langs), "sequential": self._sequential}
+
+    def _check_resumable(self, state: dict) -> None:
+        saved, now = state["settings"], self._settings()
+        changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+        if changed:
+            raise ValueError("EditEvaluation: the checkpoint's evaluation was made with other settings ("
+                             + "; ".join(f"{k}: {a} then, {b} now" for k, (a, b) in changed.items())
+                             + "); resume with the same ones, or start afresh without --ckpt_path")
+
+    def _restore(self, trainer, pl_module, state: dict) -> None:
+        """Take back this rank's share of a checkpoint's evaluation: the edits of the records this rank holds
+        (every rank's part is read, so a run resumed on other ranks splits the edits as its data does)."""
+        records = getattr(trainer.datamodule, "records", None)
+        own = {r.id for r in records} if records is not None else None
+        if own is None and trainer.global_rank != 0:
+            own = set()  # no record list to go by: rank 0 takes every edit
+        keep = lambda rid: own is None or rid in own
+        saved_ids: set[str] = set()
+        retained: set[str] = set()
+        for part in state["ranks"]:
+            saved_ids.update(part["records"])
+            retained.update(part["retained"])
+            mine = [rid for rid in part["records"] if keep(rid)]
+            self.seconds.update({rid: part["seconds"][rid] for rid in mine})
+            self._position.update({rid: p for rid, p in part["positions"].items() if keep(rid)})
+            self.rows += [r for r in part["rows"] if keep(r["record_id"])]
+            self.perplexity_rows += [r for r in part["perplexity_rows"] if keep(r["record_id"])]
+            self.retention_rows += [r for r in part["retention_rows"] if keep(r["record_id"])]
+            self._done += [(d["record_id"], [Item(**{**it, "answers": tuple(it["answers"])}) for it in d["items"]],
+                            dict(d["refs"]), dict(d["groups"])) for d in part["done"] if keep(d["record_id"])]
+        by_record: dict[str, list[dict]] = {}
+        for row in self.rows:
+            by_record.setdefault(row["record_id"], []).append(row)
+        for rid in self.seconds:  # the progress bar's running reliability, edit by edit as it was
+            self._running_reliability(by_record.get(rid, []))
+        self._passed = sum(rid in retained for rid, *_ in self._done)
+        self.retention = list(state["retention"])
+        if trainer.global_rank == 0:  # the sum over the ranks, once: the final sync adds the other ranks' new edits
+            self.aggregate.add_states(state["aggregate"])
+        rank_zero_info(f"evaluation of {len(saved_ids)} edits restored from the checkpoint")
+        resumed = {o.record_id for o in getattr(pl_module, "resumed", None) or []}
+        if resumed and resumed != saved_ids:
+            rank_zero_warn(f"EditEvaluation: the checkpoint's evaluation covers {len(saved_ids)} edits, its edit log "
+                           f"{len(resumed)}; the results cover the evaluated ones")
 
     # -- validate / test: score the unedited model ---------------------------
     def on_validation_start(self, trainer, pl_module) -> None:
@@ -353,11 +476,16 @@ class EditEvaluation(L.Callback):
 
 def _gather(rows: list[dict]) -> list[dict]:
     """Every rank's rows, on every rank (one collective call; a no-op on one process)."""
+    return [r for part in _gather_parts(rows) for r in (part or [])]
+
+
+def _gather_parts(obj):
+    """Every rank's ``obj`` in rank order, on every rank (one collective call; ``[obj]`` on one process)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return rows
-    parts: list[list[dict] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, rows)
-    return [r for part in parts for r in (part or [])]
+        return [obj]
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
 
 
 def _picked(info: dict, key: str) -> dict:

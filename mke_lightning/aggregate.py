@@ -13,6 +13,10 @@ them identical on 1 rank and on R ranks).
 
 Downstream impact sits beside them: per language, the sum and count of the
 post-/pre-edit perplexity ratios.
+
+A checkpoint keeps the states summed over the ranks (:meth:`EvalAggregate.saved_states`);
+a resumed run adds them to one rank's states (:meth:`EvalAggregate.add_states`),
+so the next sync sums the edits before and after the restart.
 """
 
 from __future__ import annotations
@@ -89,6 +93,22 @@ class EvalAggregate(Metric):
             i = self._slot(lang, "perplexity language")
             self.ppl_ratio_sums[i] += ratio
             self.ppl_ratio_counts[i] += 1
+
+    def saved_states(self) -> dict[str, torch.Tensor]:
+        """Every state summed over the ranks, on the CPU (a collective call under several ranks; the local
+        states are left as they were)."""
+        with self.sync_context():
+            return {name: value.detach().cpu().clone() for name, value in self.metric_state.items()}
+
+    def add_states(self, states: dict[str, torch.Tensor]) -> None:
+        """Add states from :meth:`saved_states` (of a run with the same languages) to this rank's."""
+        own = self.metric_state
+        if set(states) != set(own) or any(states[k].shape != own[k].shape for k in own):
+            raise ValueError(f"saved evaluation states {sorted(states)} do not fit this run's ({len(self.languages)} languages)")
+        for name, value in own.items():
+            value += states[name].to(device=value.device, dtype=value.dtype)
+        self._update_count += 1  # counts as an update: torchmetrics warns on compute() before any
+        self._computed = None
 
     def compute(self) -> dict:  # type: ignore[override]
         """``{"language": {lang: {measure: {protocol: mean}}}, "group": ..., "average": ...,
