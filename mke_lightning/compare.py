@@ -9,7 +9,9 @@ Reads each run's ``results.json`` and writes into ``--output``:
 * ``comparison.md``: what each run was (method, protocol, model, data,
   languages, metric protocols, the settings where runs differ), then the
   same figures as a Markdown table, with the mean perplexity ratio where the
-  run measured it. Fields an older ``results.json`` lacks show as ``-``.
+  run measured it. Fields an older ``results.json`` lacks show as ``-``;
+* ``languages.md``: per measure and protocol, one row per run (and, for a
+  sequential run, its retention at the end) and one column per language.
 """
 
 from __future__ import annotations
@@ -89,6 +91,34 @@ def comparison_table(runs: list[tuple[str, dict]], protocols: tuple[str, ...]) -
     return "\n".join(lines) + "\n"
 
 
+def language_tables(runs: list[tuple[str, dict]], protocols: tuple[str, ...]) -> str:
+    """Markdown: per measure and protocol, one row per run (and per sequential run its retention at the
+    end), one column per evaluation language."""
+    langs: list[str] = []
+    for _, doc in runs:
+        langs += [l for l in doc.get("eval_languages") or doc["results"]["language"] if l not in langs]
+    measures = [m for m in MEASURES if any(m in block for _, d in runs for block in d["results"]["language"].values())]
+    views = []
+    for label, doc in runs:
+        views.append((label, doc["results"]))
+        checkpoints = (doc.get("retention") or {}).get("checkpoints") or []
+        if checkpoints:
+            views.append((f"{label}, retention after {checkpoints[-1]['edits_done']} edits", checkpoints[-1]["summary"]))
+    out = []
+    for m in measures:
+        for p in protocols:
+            head = ["run", *langs, "mean non-edit"]
+            lines = [f"**{m}** ({p})", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            for label, res in views:
+                cells = [f"{res['language'].get(l, {}).get(m, {}).get(p, float('nan')):.2f}" if p in res["language"].get(l, {}).get(m, {}) else "-"
+                         for l in langs]
+                avg = res.get("average", {}).get("non_edit_languages", {}).get(m, {})
+                cells.append(f"{avg[p]:.3f}" if p in avg else "-")
+                lines.append("| " + " | ".join([label, *cells]) + " |")
+            out.append("\n".join(lines) + "\n")
+    return "\n".join(out)
+
+
 def compare_runs(run_dirs: list[str], output: str | Path, labels: list[str] | None = None,
                  protocols: tuple[str, ...] = ("token_acc", "gen_em")) -> dict[str, Path]:
     """Write the comparison files for ``run_dirs``; returns their paths by name."""
@@ -113,6 +143,8 @@ def compare_runs(run_dirs: list[str], output: str | Path, labels: list[str] | No
         written[f"heatmap_{proto}"] = plot_heatmap(rows, out / f"heatmap_{proto}.png", proto)
     written["table"] = out / "comparison.md"
     written["table"].write_text(runs_table(runs) + "\n" + comparison_table(runs, protocols), encoding="utf-8")
+    written["languages"] = out / "languages.md"
+    written["languages"].write_text(language_tables(runs, protocols), encoding="utf-8")
     return written
 
 

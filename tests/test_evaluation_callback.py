@@ -114,9 +114,14 @@ def test_callback_on_a_user_module_writes_reports_logs_and_perplexity(tmp_path, 
     monkeypatch.setattr(sys, "argv", ["mke", "report", str(cb.written["results"].parent), str(cb_test.written["results"].parent),
                                       "--output", str(out)])
     main()
-    assert {p.name for p in out.iterdir()} == {"methods.png", "heatmap_token_acc.png", "heatmap_gen_em.png", "comparison.md"}
+    assert {p.name for p in out.iterdir()} == {"methods.png", "heatmap_token_acc.png", "heatmap_gen_em.png", "comparison.md", "languages.md"}
     table = (out / "comparison.md").read_text()
     assert "UserEditor (edited)" in table and "UserEditor (unedited)" in table
+    per_lang = (out / "languages.md").read_text()
+    edited_rel = json.loads(cb.written["results"].read_text())["results"]["language"]["fr"]["reliability"]["token_acc"]
+    assert "**reliability** (token_acc)" in per_lang and "| run | en | fr | de | mean non-edit |" in per_lang
+    row = next(l for l in per_lang.split("**reliability** (token_acc)")[1].splitlines() if l.startswith("| UserEditor (edited)"))
+    assert row.split(" | ")[2] == f"{edited_rel:.2f}"  # the fr column
     monkeypatch.setattr(sys, "argv", ["mke", "report", str(tmp_path / "nowhere")])
     with pytest.raises(SystemExit):
         main()
