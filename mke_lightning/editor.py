@@ -18,6 +18,15 @@ or on top. ``protocol`` says what happens next: ``single`` undoes each edit
 after the callbacks have evaluated it, ``batch`` trains a batch's edits
 together (united masks) and undoes them, ``sequential`` keeps every edit.
 
+On several ranks, ``single`` edits each rank's records on its own copy of the
+model. ``batch`` and ``sequential`` share each step's edit across ranks
+(:class:`SharedEdit`): each rank holds its share of the step's records, the
+masks are gathered and united, every rank starts the same update (seeded by
+the records' ids) and back-propagates its share of the loss (the mean over
+the whole batch's training units), the gradients are summed through the
+strategy, and the stopping rule reads the whole batch's loss. Every rank then
+applies the same update, as one process editing the whole batch would.
+
 Callbacks reach the model through a small protocol that any LightningModule
 can offer: attributes ``causal_lm`` (a Hugging Face causal LM), ``tokenizer``
 and ``arch`` (an :class:`~mke_lightning.architectures.ArchSpec`), and a dict
@@ -26,10 +35,13 @@ and ``arch`` (an :class:`~mke_lightning.architectures.ArchSpec`), and a dict
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import time
+import zlib
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -86,7 +98,7 @@ def unite_masks(masks: list[NeuronMask]) -> NeuronMask:
         for cat, per_layer in m.layers.items():
             for layer, idx in per_layer.items():
                 layers.setdefault(cat, {}).setdefault(layer, set()).update(idx)
-    return NeuronMask("+".join(m.record_id for m in masks), {c: {l: sorted(v) for l, v in d.items()} for c, d in layers.items()})
+    return NeuronMask("+".join(m.record_id for m in masks), {c: {l: sorted(v) for l, v in sorted(d.items())} for c, d in layers.items()})
 
 
 @dataclass
@@ -99,6 +111,79 @@ class EditOutcome:
     seconds: float
     failed: str | None = None
     """Why the edit was rolled back (a non-finite loss or update); ``None`` when it was applied."""
+
+
+class SharedEdit:
+    """The ranks that train one edit together, each on its share of the batch's records.
+
+    With one rank (no strategy) every call returns its input. With several, the
+    step's records and masks are gathered (``all_gather_object``) and the loss
+    terms and gradients summed through the Lightning strategy's ``reduce``, so
+    every rank sees the same global loss and ends with the same update.
+    """
+
+    def __init__(self, strategy=None) -> None:
+        self.strategy = strategy
+        self.size = 1 if strategy is None else strategy.world_size
+        self.rank = 0 if strategy is None else strategy.global_rank
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj``, in rank order."""
+        if self.size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        parts: list = [None] * self.size
+        dist.all_gather_object(parts, obj)
+        return parts
+
+    def sum(self, *values: float) -> list[float]:
+        """Each value summed over the ranks (one collective for all of them)."""
+        if self.size == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.strategy.root_device)
+        return self.strategy.reduce(t, reduce_op="sum").tolist()
+
+    def sum_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Replace each parameter's gradient by its sum over the ranks (one flat fp32 buffer, one collective)."""
+        if self.size == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = self.strategy.reduce(torch.cat([g.reshape(-1).float() for g in grads]), reduce_op="sum")  # [sum of numel]
+        for p, g, part in zip(params, grads, flat.split([g.numel() for g in grads])):
+            p.grad = part.view_as(g).to(g.dtype)
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device):
+    """Draw from generators seeded with ``seed`` inside; the global generators' states are untouched outside."""
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(cuda[0]):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+def _settings_of(factory) -> dict | str:
+    """What an optimiser factory builds: the class path and its arguments, read off a throw-away optimiser."""
+    try:
+        opt = factory([torch.nn.Parameter(torch.zeros(1))])
+    except Exception:  # a factory that wants more than parameters: say what it is
+        inner = factory.func if isinstance(factory, functools.partial) else factory
+        return f"{getattr(inner, '__module__', '?')}.{getattr(inner, '__qualname__', type(inner).__qualname__)}"
+    cls = type(opt)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {k: _plain(v) for k, v in opt.defaults.items()}}
+
+
+def _plain(v):
+    """``v`` as JSON can hold it (a one-element tensor as its number, anything else unknown as its repr)."""
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return v.item()
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v if v is None or isinstance(v, (bool, int, float, str)) else repr(v)
 
 
 class KnowledgeEditor(L.LightningModule):
@@ -116,6 +201,7 @@ class KnowledgeEditor(L.LightningModule):
         values: ValueUpdateConfig | None = None,
         train_languages: list[str] | None = None,
         save_deltas: bool = False,
+        init_seed: int = 0,
     ) -> None:
         """
         Args:
@@ -127,13 +213,17 @@ class KnowledgeEditor(L.LightningModule):
             protocol: ``single`` (one edit per batch, undone after its evaluation),
                 ``batch`` (the batch's edits optimised together on their united masks,
                 undone after evaluation) or ``sequential`` (each batch's edits stay:
-                later edits are made on the edited model).
+                later edits are made on the edited model). ``batch`` and ``sequential`` on
+                several ranks: each step's edit is trained on every rank's batch together.
             method: ``memla``, ``lora``, ``ft_l`` or ``lafn`` (see the module docstring).
             values: the direct value-vector update of ``ft_l`` and ``lafn``.
             train_languages: languages whose edit prompts (each with its own new target)
                 the edit is trained on; null: the edit language only.
             save_deltas: write each edit (``single``/``batch``: one file per batch; ``sequential``:
                 one file per step, in order) as a delta under ``<log dir>/deltas/``.
+            init_seed: seed of each update's random start (LoRA's ``A``, ``values.init_std``), combined
+                with the ids of the edit's records: the same start on every rank, in every run and
+                after a restart, whatever was drawn before.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -157,6 +247,7 @@ class KnowledgeEditor(L.LightningModule):
             raise ValueError("train_languages is empty; use null for the edit language only")
         self.train_languages = train_languages
         self.save_deltas = save_deltas
+        self.init_seed = init_seed
         self.applied: list[tuple[list[str], NeuronDelta]] = []  # sequential: the edits kept in the model, in order
         self.automatic_optimization = False
         self.causal_lm = None
@@ -225,7 +316,9 @@ class KnowledgeEditor(L.LightningModule):
         def plain(x):
             return asdict(x) if hasattr(x, "__dataclass_fields__") else x
 
-        opt = self.hparams.get("optimizer")
+        opt = self.hparams.get("optimizer")  # LightningCLI: the class path and init args as given
+        if not isinstance(opt, (dict, str)):
+            opt = _settings_of(self.optimizer_factory)
         return {
             "method": self.method_name,
             "protocol": self.protocol,
@@ -234,7 +327,7 @@ class KnowledgeEditor(L.LightningModule):
                 "lora": plain(self.lora_config) if self.method in ("memla", "lora") else None,
                 "values": plain(self.values_config) if self.method in ("ft_l", "lafn") else None,
                 "loss": plain(self.loss_config),
-                "optimizer": opt if isinstance(opt, (dict, str)) else getattr(opt, "__name__", repr(opt)),
+                "optimizer": opt,
                 "dtype": self.lm_config.dtype,
                 "load_in_8bit": self.lm_config.load_in_8bit,
             },
@@ -296,20 +389,47 @@ class KnowledgeEditor(L.LightningModule):
                           self.lora_config.__class__(**{**asdict(self.lora_config), "categories": [CATEGORIES[0]]}))
         return attach_values(self.causal_lm, self.arch, mask, self.values_config)
 
-    def edit_many(self, records: list[EditRecord], masks: list[NeuronMask]) -> list[EditOutcome]:
-        """Train the edits together on their united masks and apply them; one outcome per record."""
+    def edit_many(self, records: list[EditRecord], masks: list[NeuronMask | None]) -> list[EditOutcome]:
+        """Train the edits together on their united masks and apply them; one outcome per record.
+
+        Under a Trainer on several ranks with the ``batch`` or ``sequential`` protocol this is a
+        collective call: every rank passes its share of the step's records (possibly none) and
+        all ranks train and apply the same update (see :meth:`shared_edit`).
+        """
+        return self._edit(records, masks, self.shared_edit())
+
+    def shared_edit(self) -> SharedEdit:
+        """The ranks that train each edit together: all of them for ``batch`` and ``sequential``
+        under a Trainer, this process alone otherwise (``single``: every rank edits its own copy)."""
+        if self._trainer is None or self.protocol == "single" or self.trainer.world_size == 1:
+            return SharedEdit()
+        return SharedEdit(self.trainer.strategy)
+
+    def _edit(self, records: list[EditRecord], masks: list[NeuronMask | None], ranks: SharedEdit,
+              require_masks: bool = False) -> list[EditOutcome]:
         start = time.perf_counter()
         self.causal_lm.eval()
         self._prepare_anchors()
         cfg = self.loss_config
-        known = [m for m in masks if m is not None]
-        mask = None if not known else known[0] if len(known) == 1 else unite_masks(known)
         prompts, targets, units = self._rows(records)
-        n_rows = len(targets)
-        # Anchor rows predict one (unused) token at their last position.
-        batch = pack(prompts + self._anchor_ids, targets + [[0]] * len(self._anchor_ids), self.tokenizer.pad_token_id).to(self.device)
-
-        handle = self._attach(mask)
+        # The whole batch, in the order one process with every rank's records would see it: the
+        # DataModule deals records to ranks in turn, so position j of rank r is global j * R + r.
+        shares = ranks.gather(([r.id for r in records], [None if m is None else NeuronMask(m.record_id, m.layers) for m in masks], len(units)))
+        every = sorted((j, r, rid, m) for r, (ids, ms, _) in enumerate(shares) for j, (rid, m) in enumerate(zip(ids, ms)))
+        all_ids = [rid for _, _, rid, _ in every]
+        if require_masks:
+            missing = [rid for _, _, rid, m in every if m is None]
+            if missing:  # raised on every rank, none left waiting in a collective
+                raise RuntimeError(
+                    f"no neuron mask for record {missing[0]!r}: add the mke_lightning.callbacks.NeuronLocalization callback"
+                )
+        if not all_ids:
+            return []
+        n_units = sum(n for _, _, n in shares)  # training units of the whole batch: the loss is their mean
+        known = [m for _, _, _, m in every if m is not None]
+        mask = None if not known else known[0] if len(known) == 1 else unite_masks(known)
+        with _seeded(zlib.crc32("\n".join([str(self.init_seed), *all_ids]).encode()), self.device):
+            handle = self._attach(mask)  # the same random start on every rank and in every run
 
         def outcomes(steps: int, loss_v: float, p_new: list[float], failed: str | None = None) -> list[EditOutcome]:
             took = time.perf_counter() - start
@@ -318,44 +438,64 @@ class KnowledgeEditor(L.LightningModule):
             return [EditOutcome(r.id, steps, loss_v, p, n, took, failed) for r, n, p in zip(records, count, p_new)]
 
         if handle is None:
-            log.warning("records %s: no neuron located; the edit changes nothing", [r.id for r in records])
+            if ranks.rank == 0:
+                log.warning("records %s: no neuron located; the edit changes nothing", all_ids)
             return outcomes(0, float("nan"), [float("nan")] * len(records))
-        opt = self.optimizer_factory(handle.parameters())
+        params = handle.parameters()
+        anchors = self._anchor_ids if ranks.rank == 0 else []  # one rank carries the KL term of the whole batch
+        n_rows = len(targets)
+        if prompts or anchors:
+            # Anchor rows predict one (unused) token at their last position.
+            batch = pack(prompts + anchors, targets + [[0]] * len(anchors), self.tokenizer.pad_token_id).to(self.device)
+        else:
+            # Padding (no record here this step): a one-token row, so that this rank's forward and
+            # backward meet the others' where the weights are partitioned (ZeRO-3 gathers them in both).
+            pad = self.tokenizer.pad_token_id
+            batch = pack([[pad]], [[pad]], pad).to(self.device)
+        opt = self.optimizer_factory(params)
         steps, loss_v, p_new = 0, float("nan"), [0.0] * len(records)
         for steps in range(1, cfg.max_steps + 1):
             logits = kept_logits(self.causal_lm, batch)  # [B, K, V]
-            lp = target_logprobs(logits, batch)  # [B, K]
-            loss = lp.new_zeros(())
-            for _, i, j in units:
-                loss = loss + cfg.new_weight * (-lp[i].sum() / len(targets[i]))
-                if j is not None:
-                    loss = loss + cfg.true_weight * lp[j].sum().exp()
-            loss = loss / len(units)
-            if self._anchor_ids:
-                post = torch.log_softmax(logits[n_rows:, -1].float(), -1)  # [A, V]
-                kl = (self._anchor_logp.exp() * (self._anchor_logp - post)).sum(-1).mean()
-                loss = loss + cfg.kl_weight * kl
-            loss_v = float(loss.detach())
-            p_unit = [float(lp[i].detach().sum().exp()) for _, i, _ in units]
+            if prompts or anchors:
+                lp = target_logprobs(logits, batch)  # [B, K]
+                loss = lp.new_zeros(())
+                for _, i, j in units:
+                    loss = loss + cfg.new_weight * (-lp[i].sum() / len(targets[i]))
+                    if j is not None:
+                        loss = loss + cfg.true_weight * lp[j].sum().exp()
+                loss = loss / n_units
+                if anchors:
+                    post = torch.log_softmax(logits[n_rows:, -1].float(), -1)  # [A, V]
+                    kl = (self._anchor_logp.exp() * (self._anchor_logp - post)).sum(-1).mean()
+                    loss = loss + cfg.kl_weight * kl
+                part = float(loss.detach())
+                p_unit = [float(lp[i].detach().sum().exp()) for _, i, _ in units]
+            else:
+                # zero, with a graph over every parameter of the update: its gradients are zeros
+                loss = (logits.float().sum() + sum(p.sum() for p in params)) * 0
+                part, p_unit = 0.0, []
             p_new = [min((p for (k, _, _), p in zip(units, p_unit) if k == r), default=float("nan")) for r in range(len(records))]
+            below = sum(1 for p in p_new if not p > cfg.stop_prob)
+            loss_v, below = ranks.sum(part, below)  # the whole batch's loss; its records not yet above stop_prob
             if not math.isfinite(loss_v):
                 handle.discard()
-                return self._rolled_back(outcomes(steps, loss_v, p_new, f"loss is {loss_v} at step {steps}"))
-            if loss_v < cfg.stop_loss or min(p_new) > cfg.stop_prob:
+                return self._rolled_back(outcomes(steps, loss_v, p_new, f"loss is {loss_v} at step {steps}"), all_ids, ranks)
+            if loss_v < cfg.stop_loss or below == 0:
                 break
             opt.zero_grad(set_to_none=True)
             self._backward(loss)
+            ranks.sum_grads(params)
             opt.step()
             handle.clamp_norms()
-        if not all(torch.isfinite(p).all() for p in handle.parameters()):
+        if not all(torch.isfinite(p).all() for p in params):
             handle.discard()
-            return self._rolled_back(outcomes(steps, loss_v, p_new, "the trained update holds NaN or inf"))
+            return self._rolled_back(outcomes(steps, loss_v, p_new, "the trained update holds NaN or inf"), all_ids, ranks)
         delta = handle.to_delta()
         undo = apply_delta(self.causal_lm, self.arch, delta, self.lora_config.apply)
-        if self.save_deltas:
-            self._save_delta([r.id for r in records], delta)
+        if self.save_deltas and ranks.rank == 0:  # shared: every rank holds the same delta; rank 0 writes it
+            self._save_delta(all_ids, delta)
         if self.protocol == "sequential":
-            self.applied.append(([r.id for r in records], delta))
+            self.applied.append((all_ids, delta))
         else:
             self._restore = undo
         return outcomes(steps, loss_v, p_new)
@@ -373,9 +513,10 @@ class KnowledgeEditor(L.LightningModule):
             "model": self.lm_config.name_or_path, "edit_language": self.edit_language,
         })
 
-    def _rolled_back(self, outcomes: list[EditOutcome]) -> list[EditOutcome]:
-        """The edits' adapters are dropped (the weights were never touched); say why."""
-        log.warning("records %s: edit rolled back: %s", [o.record_id for o in outcomes], outcomes[0].failed)
+    def _rolled_back(self, outcomes: list[EditOutcome], record_ids: list[str], ranks: SharedEdit) -> list[EditOutcome]:
+        """The edits' adapters are dropped (the weights were never touched); say why (once for a shared edit)."""
+        if outcomes and ranks.rank == 0:
+            log.warning("records %s: edit rolled back: %s", record_ids, outcomes[0].failed)
         return outcomes
 
     def _backward(self, loss: torch.Tensor) -> None:
@@ -397,23 +538,20 @@ class KnowledgeEditor(L.LightningModule):
         return batch  # records are text; they are tokenised onto the device per edit
 
     def training_step(self, batch: list[EditRecord], batch_idx: int):
-        if len(batch) == 0:
+        ranks = self.shared_edit()
+        if len(batch) == 0 and ranks.size == 1:
             return None  # padding: this rank's share is shorter than another's
         if self.protocol == "single" and len(batch) != 1:
             raise ValueError(
                 f"the single protocol takes one edit per batch, got {len(batch)}; set data.batch_size: 1 "
                 "or model.protocol: batch"
             )
-        masks = []
-        for record in batch:
-            mask = self.neuron_masks.get(record.id)
-            if mask is None and self.needs_masks:
-                raise RuntimeError(
-                    f"no neuron mask for record {record.id!r}: add the mke_lightning.callbacks.NeuronLocalization callback"
-                )
-            masks.append(mask)
-        outcomes = self.edit_many(list(batch), masks)
+        # A shared edit takes every rank, a padding one (empty batch) included: it trains and applies the update too.
+        masks = [self.neuron_masks.get(record.id) for record in batch]
+        outcomes = self._edit(list(batch), masks, ranks, require_masks=self.needs_masks)
         self.outcomes.extend(outcomes)
+        if not outcomes:
+            return None
         first = outcomes[0]
         self.log_dict(
             {"edit/steps": float(first.steps), "edit/p_new": min(o.p_new for o in outcomes), "edit/neurons": float(sum(o.neurons for o in outcomes)),
@@ -466,11 +604,6 @@ class KnowledgeEditor(L.LightningModule):
     def on_fit_start(self) -> None:
         log_dir = self.trainer.log_dir if self.save_deltas else None  # a collective call: every rank makes it here
         self._delta_dir = Path(log_dir) / "deltas" if log_dir else None
-        if self.protocol == "sequential" and self.trainer.world_size > 1:
-            raise NotImplementedError(
-                "the sequential protocol runs on one rank for now (ranks would edit different models); "
-                "use model.protocol single or batch on several ranks"
-            )
         if not self.resumed:
             return
         dm = self.trainer.datamodule
