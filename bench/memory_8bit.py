@@ -9,7 +9,7 @@ high-water mark ``VmHWM``, reset after the load through ``/proc/self/clear_refs`
 
     python bench/memory_8bit.py --mzsre ../shared/data/mzsre --steps 10
 
-Variants: ``fp32`` (all weights float32), ``int8`` (linear layers int8 with
+Variants: ``fp32`` (all weights float32), ``bf16`` (all bfloat16), ``int8`` (linear layers int8 with
 bitsandbytes, other modules float32) and ``int8_bf16`` (linear layers int8,
 other modules bfloat16: what configs/scale/int8.yaml loads).
 """
@@ -25,6 +25,7 @@ from pathlib import Path
 
 VARIANTS = {
     "fp32": {"dtype": "float32", "load_in_8bit": False},
+    "bf16": {"dtype": "bfloat16", "load_in_8bit": False},
     "int8": {"dtype": "float32", "load_in_8bit": True},
     "int8_bf16": {"dtype": "bfloat16", "load_in_8bit": True},
 }

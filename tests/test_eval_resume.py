@@ -2,9 +2,9 @@
 perplexity, retention) is in the checkpoint, and the resumed run's files are those of a run never stopped.
 
 The runs are stopped by an exception at the end of an edit, in place of a kill (tests/test_faults.py
-kills a run with SIGKILL; what the checkpoint holds is the same). Each edit is seeded by its record,
-so that a new adapter's random start does not depend on what the process drew before: the global
-generator's state is not in a checkpoint.
+kills a run with SIGKILL; what the checkpoint holds is the same). The editor seeds each
+update's start by its records (``init_seed``), so an edit after the restart starts as it would have
+in a run never stopped.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import zlib
 from functools import partial
 from pathlib import Path
 
@@ -51,15 +50,6 @@ class StopAfter(L.Callback):
             raise Stopped(f"stopped after edit {self.edits}")
 
 
-class SeedPerEdit(L.Callback):
-    """Seeds the global generator by the edit's record: what an edit draws from it then depends neither
-    on how many edits this process made before nor on the rank."""
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch:
-            torch.manual_seed(zlib.crc32(batch[0].id.encode()))
-
-
 def _fit(tmp_path, model_dir, protocol: str, name: str, every_n_edits: int = 1, stop: int | None = None,
          ckpt_path: str | None = None, retention: int | None = None, ranks: int = 1,
          eval_languages: tuple[str, ...] = ("en", "fr")) -> EditEvaluation:
@@ -76,7 +66,7 @@ def _fit(tmp_path, model_dir, protocol: str, name: str, every_n_edits: int = 1, 
                         plots=False, print_table=False, retention_every_n_edits=retention)
     from lightning.pytorch.loggers import CSVLogger
 
-    callbacks = [cb, EditCheckpoint(dirpath=str(tmp_path / name / "checkpoints"), every_n_edits=every_n_edits), SeedPerEdit()]
+    callbacks = [cb, EditCheckpoint(dirpath=str(tmp_path / name / "checkpoints"), every_n_edits=every_n_edits)]
     callbacks += [StopAfter(stop)] if stop else []
     strategy = "auto" if ranks == 1 else EditingDDPStrategy(start_method="spawn", process_group_backend="gloo")
     trainer = L.Trainer(accelerator="cpu", devices=ranks, strategy=strategy, max_epochs=1, logger=CSVLogger(tmp_path, name=name),
