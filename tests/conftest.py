@@ -87,6 +87,31 @@ def toy_record(rid: str = "toy-1") -> dict:
     }
 
 
+def two_fact_records():
+    """Records ``a`` and ``b``: two different facts (prompts and answers) in the tiny vocabulary."""
+    from mke_lightning.records import record_from_dict
+
+    a = toy_record("a")
+    b = toy_record("b")
+    b["languages"]["en"].update(prompt="the capital of france is", paraphrases=["the capital city of france is"],
+                                target_new="berlin", target_true="paris")
+    return [record_from_dict(r, source="toy.jsonl", index=i) for i, r in enumerate([a, b])]
+
+
+def out_projection_changes(editor, before: dict) -> dict:
+    """Per layer, the change of the MLP output projection's weight against ``before`` (a state dict);
+    fails if any other weight changed."""
+    out = {}
+    n_layers = len(editor.causal_lm.get_submodule(editor.arch.layers))
+    for name, w in editor.causal_lm.state_dict().items():
+        if torch.equal(w, before[name]):
+            continue
+        layer = next((l for l in range(n_layers) if name == editor.arch.mlp_out_name(l) + ".weight"), None)
+        assert layer is not None, f"{name} changed outside the MLP output projections"
+        out[layer] = w - before[name]
+    return out
+
+
 @pytest.fixture()
 def toy_records():
     from mke_lightning.records import record_from_dict

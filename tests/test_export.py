@@ -17,23 +17,14 @@ from mke_lightning.masked_lora import LoRAConfig
 from mke_lightning.model_loading import ModelConfig, load_causal_lm
 from mke_lightning.neuron_delta import NeuronDelta, NotADeltaError, OnTop, Restore
 from mke_lightning.neurons import NeuronMask
-from mke_lightning.records import record_from_dict
 
-from conftest import toy_record
+from conftest import two_fact_records
 
 MASKS = {
     "a": NeuronMask("a", {"independent": {0: [1, 5]}, "specific": {1: [3, 7]}}),
     "b": NeuronMask("b", {"independent": {0: [5, 9]}, "specific": {1: [20]}}),
 }
 IDS = torch.tensor([[1, 4, 5, 6, 7]])  # [1, T]
-
-
-def _records():
-    a = toy_record("a")
-    b = toy_record("b")  # another fact: a different prompt and answer
-    b["languages"]["en"].update(prompt="the capital of france is", paraphrases=["the capital city of france is"],
-                                target_new="berlin", target_true="paris")
-    return [record_from_dict(r, source="toy.jsonl", index=i) for i, r in enumerate([a, b])]
 
 
 def _editor(model_dir, protocol: str, delta_dir) -> KnowledgeEditor:
@@ -60,7 +51,7 @@ def sequential_run(tiny_llama_dir, tmp_path_factory):
     """Two sequential edits saved as deltas: (delta folder, edited logits, the editor's kept edits' ids)."""
     folder = tmp_path_factory.mktemp("seq") / "deltas"
     ed = _editor(tiny_llama_dir, "sequential", folder)
-    a, b = _records()
+    a, b = two_fact_records()
     assert ed.edit(a, MASKS["a"]).failed is None
     assert ed.edit(b, MASKS["b"]).failed is None
     return folder, _logits(ed.causal_lm), [ids for ids, _ in ed.applied]
@@ -69,7 +60,7 @@ def sequential_run(tiny_llama_dir, tmp_path_factory):
 def test_a_saved_edit_loaded_onto_a_fresh_base_reproduces_the_edited_logits(tiny_llama_dir, tmp_path):
     ed = _editor(tiny_llama_dir, "single", tmp_path / "deltas")
     base = _logits(ed.causal_lm)
-    assert ed.edit(_records()[0], MASKS["a"]).failed is None
+    assert ed.edit(two_fact_records()[0], MASKS["a"]).failed is None
     edited = _logits(ed.causal_lm)
     assert (edited - base).abs().max() > 1e-3  # the edit changed something
     ed.restore()

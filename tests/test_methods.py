@@ -13,7 +13,7 @@ from mke_lightning.neurons import NeuronMask
 from mke_lightning.records import record_from_dict
 from mke_lightning.value_update import ValueUpdateConfig
 
-from conftest import toy_record
+from conftest import out_projection_changes, toy_record
 
 MASK = NeuronMask("toy-1", {"independent": {0: [1, 5], 1: [9]}, "specific": {1: [3, 7]}})
 
@@ -23,18 +23,6 @@ def _editor(model_dir, **kw) -> KnowledgeEditor:
     ed = KnowledgeEditor(loss=kw.pop("loss", EditLossConfig(max_steps=80)), optimizer=lambda p: torch.optim.Adam(p, lr=lr), **kw)
     ed.causal_lm, ed.tokenizer, ed.arch = load_causal_lm(ModelConfig(name_or_path=str(model_dir)))
     return ed
-
-
-def _changes(ed, before) -> dict[int, torch.Tensor]:
-    """Per layer, the weight change of the MLP output projection; fails if any other weight changed."""
-    out = {}
-    for name, w in ed.causal_lm.state_dict().items():
-        if torch.equal(w, before[name]):
-            continue
-        layer = next((l for l in range(2) if name == ed.arch.mlp_out_name(l) + ".weight"), None)
-        assert layer is not None, f"{name} changed outside the MLP output projections"
-        out[layer] = w - before[name]  # [d_model, d_ff]: neurons are columns
-    return out
 
 
 def _neurons(change: torch.Tensor) -> set[int]:
@@ -59,11 +47,11 @@ def test_memla_ablation_changes_only_the_kept_category(tiny_llama_dir, record, c
     before = {k: v.clone() for k, v in ed.causal_lm.state_dict().items()}
     out = ed.edit(record, MASK)
     allowed = MASK.category(categories[0])
-    changed = {l: _neurons(c) for l, c in _changes(ed, before).items()}
+    changed = {l: _neurons(c) for l, c in out_projection_changes(ed, before).items()}
     assert changed and all(l in allowed and n <= set(allowed[l]) for l, n in changed.items())
     assert out.neurons == sum(len(v) for v in allowed.values())
     ed.restore()
-    assert not _changes(ed, before)
+    assert not out_projection_changes(ed, before)
 
 
 def test_plain_lora_adapts_whole_layers_and_nothing_else(tiny_llama_dir, record):
@@ -71,13 +59,13 @@ def test_plain_lora_adapts_whole_layers_and_nothing_else(tiny_llama_dir, record)
     assert not ed.needs_masks
     before = {k: v.clone() for k, v in ed.causal_lm.state_dict().items()}
     out = ed.edit(record, None)
-    changes = _changes(ed, before)
+    changes = out_projection_changes(ed, before)
     assert set(changes) == {1}
     assert len(_neurons(changes[1])) > 16  # not confined to a few neurons: every value vector may move
     assert torch.linalg.matrix_rank(changes[1]) <= 4  # ... within a rank-4 update
     assert out.neurons == 64 and _reliability(ed, record, "en") >= 0.9
     ed.restore()
-    assert not _changes(ed, before)
+    assert not out_projection_changes(ed, before)
 
 
 def test_plain_lora_on_the_located_layers_by_default(tiny_llama_dir, record):
@@ -85,7 +73,7 @@ def test_plain_lora_on_the_located_layers_by_default(tiny_llama_dir, record):
     assert ed.needs_masks
     before = {k: v.clone() for k, v in ed.causal_lm.state_dict().items()}
     ed.edit(record, NeuronMask("toy-1", {"independent": {1: [3]}, "specific": {}}))
-    assert set(_changes(ed, before)) == {1}
+    assert set(out_projection_changes(ed, before)) == {1}
 
 
 def test_ft_l_changes_one_projection_within_its_norm_ball(tiny_llama_dir, record):
@@ -93,12 +81,12 @@ def test_ft_l_changes_one_projection_within_its_norm_ball(tiny_llama_dir, record
     assert not ed.needs_masks and ed.method_name == "ft_l"
     before = {k: v.clone() for k, v in ed.causal_lm.state_dict().items()}
     out = ed.edit(record, None)
-    changes = _changes(ed, before)
+    changes = out_projection_changes(ed, before)
     assert set(changes) == {1} and out.neurons == 64
     assert changes[1].abs().max() <= 0.05 + 1e-6  # the clamp holds at every entry
     assert changes[1].abs().max() > 0.04  # and the edit used the room it had
     ed.restore()
-    assert not _changes(ed, before)
+    assert not out_projection_changes(ed, before)
 
 
 def test_lafn_updates_only_the_independent_neurons_and_trains_every_language(tiny_llama_dir, record):
@@ -108,7 +96,7 @@ def test_lafn_updates_only_the_independent_neurons_and_trains_every_language(tin
     before = {k: v.clone() for k, v in ed.causal_lm.state_dict().items()}
     pre = {l: _reliability(ed, record, l) for l in langs}
     out = ed.edit(record, mask)
-    changed = {l: _neurons(c) for l, c in _changes(ed, before).items()}
+    changed = {l: _neurons(c) for l, c in out_projection_changes(ed, before).items()}
     allowed = mask.category("independent")
     assert changed and all(n <= set(allowed[l]) for l, n in changed.items())
     assert out.neurons == 32 and out.failed is None
@@ -128,7 +116,7 @@ def test_value_updates_work_on_top_of_unwritable_weights(tiny_llama_dir, record)
     ed = _editor(tiny_llama_dir, method="lafn", lora=LoRAConfig(apply="on_top"))
     before = {k: v.clone() for k, v in ed.causal_lm.state_dict().items()}
     ed.edit(record, MASK)
-    assert not _changes(ed, before)  # hooks, not weights
+    assert not out_projection_changes(ed, before)  # hooks, not weights
     assert _reliability(ed, record, "en") >= 0.9
     ed.restore()
     assert _reliability(ed, record, "en") < 0.5

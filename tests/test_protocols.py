@@ -9,22 +9,13 @@ from mke_lightning.evaluation import EditEvaluator, build_items
 from mke_lightning.masked_lora import LoRAConfig
 from mke_lightning.model_loading import ModelConfig, load_causal_lm
 from mke_lightning.neurons import NeuronMask
-from mke_lightning.records import record_from_dict
 
-from conftest import toy_record
+from conftest import out_projection_changes, two_fact_records
 
 MASKS = {
     "a": NeuronMask("a", {"independent": {0: [1, 5]}, "specific": {1: [3, 7]}}),
     "b": NeuronMask("b", {"independent": {0: [5, 9]}, "specific": {1: [20]}}),
 }
-
-
-def _records():
-    a = toy_record("a")
-    b = toy_record("b")  # another fact: a different prompt and answer
-    b["languages"]["en"].update(prompt="the capital of france is", paraphrases=["the capital city of france is"],
-                                target_new="berlin", target_true="paris")
-    return [record_from_dict(r, source="toy.jsonl", index=i) for i, r in enumerate([a, b])]
 
 
 def _editor(model_dir, protocol: str) -> KnowledgeEditor:
@@ -36,14 +27,8 @@ def _editor(model_dir, protocol: str) -> KnowledgeEditor:
 
 def _changed_value_vectors(ed, before) -> dict[int, set[int]]:
     """Per layer, the neurons whose value vector differs from ``before``; fails if anything else changed."""
-    out = {}
-    for name, w in ed.causal_lm.state_dict().items():
-        if torch.equal(w, before[name]):
-            continue
-        layer = next((l for l in range(2) if name == ed.arch.mlp_out_name(l) + ".weight"), None)
-        assert layer is not None, f"{name} changed outside the MLP output projections"
-        out[layer] = set(torch.nonzero((w != before[name]).any(0)).flatten().tolist())  # Linear: neurons are columns
-    return out
+    return {l: set(torch.nonzero(d.any(0)).flatten().tolist())  # Linear: neurons are columns
+            for l, d in out_projection_changes(ed, before).items()}
 
 
 def _reliability(ed, record) -> float:
@@ -55,7 +40,7 @@ def _reliability(ed, record) -> float:
 
 def test_sequential_edits_stay_inside_the_union_of_masks_and_the_first_is_retained(tiny_llama_dir):
     ed = _editor(tiny_llama_dir, "sequential")
-    a, b = _records()
+    a, b = two_fact_records()
     before = {k: v.clone() for k, v in ed.causal_lm.state_dict().items()}
     assert ed.edit(a, MASKS["a"]).failed is None
     rel_a = _reliability(ed, a)
@@ -70,7 +55,7 @@ def test_sequential_edits_stay_inside_the_union_of_masks_and_the_first_is_retain
 
 def test_batch_edit_uses_the_united_mask_and_is_undone(tiny_llama_dir):
     ed = _editor(tiny_llama_dir, "batch")
-    a, b = _records()
+    a, b = two_fact_records()
     before = {k: v.clone() for k, v in ed.causal_lm.state_dict().items()}
     outs = ed.edit_many([a, b], [MASKS["a"], MASKS["b"]])
     assert [o.record_id for o in outs] == ["a", "b"] and all(o.failed is None for o in outs)
@@ -85,7 +70,7 @@ def test_batch_edit_uses_the_united_mask_and_is_undone(tiny_llama_dir):
 
 def test_sequential_checkpoint_holds_the_deltas_and_reloads_the_edited_model(tiny_llama_dir):
     ed = _editor(tiny_llama_dir, "sequential")
-    a, b = _records()
+    a, b = two_fact_records()
     ed.edit(a, MASKS["a"])
     ed.edit(b, MASKS["b"])
     ids = torch.tensor([[1, 4, 5, 6, 7]])
