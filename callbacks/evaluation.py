@@ -7,7 +7,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
-import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 

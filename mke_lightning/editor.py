@@ -42,7 +42,7 @@ import math
 import time
 import zlib
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -386,7 +386,7 @@ class KnowledgeEditor(L.LightningModule):
             if not layers:
                 return None
             return attach(self.causal_lm, self.arch, whole_layers(self.causal_lm, self.arch, layers, mask.record_id if mask else ""),
-                          self.lora_config.__class__(**{**asdict(self.lora_config), "categories": [CATEGORIES[0]]}))
+                          replace(self.lora_config, categories=[CATEGORIES[0]]))
         return attach_values(self.causal_lm, self.arch, mask, self.values_config)
 
     def edit_many(self, records: list[EditRecord], masks: list[NeuronMask | None]) -> list[EditOutcome]:
