@@ -15,10 +15,11 @@ Every item is scored under every protocol of :mod:`mke_lightning.metrics`
 that applies to it (``prob`` needs the old target: reliability and
 generality of records that have one; elsewhere it is ``None``).
 
-Batching: all teacher-forced rows of an edit (every language and measure,
-new and old targets) go through the model in padded batches grouped by
-target length (``batch_rows`` rows at most), and all prompts of the edit are
-generated in one ``generate`` call; identical rows run once.
+Batching: every distinct prompt of an edit (every language and measure) goes
+through the model once, ``batch_rows`` prompts per padded batch; its targets
+(new, old, locality reference) are scored and its greedy continuation
+decoded from that pass's KV cache, each continuation leaving the batch when
+it reaches its own length or an end token. Identical rows run once.
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ import torch
 
 from mke_lightning.metrics import exact_match, f1_scores, normalize, prefers_new, starts_with_answer
 from mke_lightning.records import EditRecord, join_prompt
-from mke_lightning.scoring import encode_continuation, encode_prompt, greedy_generate, kept_logits, pack, teacher_forced
+from mke_lightning.prefix_scoring import TargetScore, greedy_continue, prefill, score_targets
+from mke_lightning.scoring import encode_continuation, encode_prompt
 
 MEASURES = ("reliability", "generality", "locality", "locality_gold", "portability", "multi_hop")
 GROUPS = ("edit", "identical", "translated")
 _EXTRA_GEN_TOKENS = 2  # room to see where the answer's word ends, or a word the model spells in more tokens
 
-__all__ = ["MEASURES", "GROUPS", "Item", "build_items", "EditEvaluator", "target_group", "normalize", "starts_with_answer"]
+__all__ = ["MEASURES", "GROUPS", "Item", "ScorePlan", "build_items", "EditEvaluator", "target_group", "normalize", "starts_with_answer"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,18 @@ class Item:
     prompt: str
     answers: tuple[str, ...]
     old: str | None = None  # the old target, for the ``prob`` protocol
+
+
+@dataclass
+class ScorePlan:
+    """What scoring a list of items asks of the model (see :meth:`EditEvaluator.plan`)."""
+
+    prompts: list[tuple]  # prompt ids of each item
+    targets: list[tuple]  # teacher-forced target ids of each item (a locality item: its reference)
+    olds: dict[int, tuple]  # item index -> old-target ids, for the ``prob`` protocol
+    widths: list[int]  # generation width of each item
+    rows: list[tuple[tuple, tuple]]  # distinct (prompt, target) rows to teacher-force
+    prompt_widths: dict[tuple, int]  # distinct prompt -> the widest of its items' widths
 
 
 def build_items(record: EditRecord, eval_languages: list[str], measures: tuple[str, ...] = MEASURES) -> list[Item]:
@@ -88,7 +102,7 @@ class EditEvaluator:
 
     Args:
         tokenizer: the model's tokenizer (with a pad token).
-        batch_rows: teacher-forced rows per forward pass at most.
+        batch_rows: prompts (and teacher-forced rows) per forward pass at most.
         max_new_tokens: cap on the generation length (the longest answer or alias, plus two).
     """
 
@@ -103,6 +117,13 @@ class EditEvaluator:
         prompt, cont = join_prompt(item.prompt, answer, item.lang)
         return encode_prompt(self.tokenizer, prompt), encode_continuation(self.tokenizer, cont)
 
+    def _width(self, item: Item, target: list[int]) -> int:
+        """How many tokens to generate for ``item``: its longest answer (or reference) plus two, capped."""
+        longest = len(target)
+        if item.measure != "locality":  # an alias may be longer than the answer
+            longest = max(longest, *(len(self._target(item, a)[1]) for a in item.answers[1:]), 0)
+        return min(longest + _EXTRA_GEN_TOKENS, self.max_new_tokens)
+
     @torch.no_grad()
     def references(self, model, items: list[Item]) -> dict[int, list[int]]:
         """Pre-edit greedy continuation of each locality item: as many tokens as its gold
@@ -111,59 +132,80 @@ class EditEvaluator:
         if not loc:
             return {}
         enc = [self._target(items[i], items[i].answers[0]) for i in loc]
-        width = max(len(t) for _, t in enc)
-        gens = greedy_generate(model, self.tokenizer, [p for p, _ in enc], width, keep_end=True)
-        refs = {i: g[: len(t)] for i, (_, t), g in zip(loc, enc, gens)}
+        prompts = list(dict.fromkeys(tuple(p) for p, _ in enc))
+        width = {p: 0 for p in prompts}
+        for p, t in enc:
+            width[tuple(p)] = max(width[tuple(p)], len(t))
+        gens = {}
+        for chunk in self._chunks(prompts):
+            pre = prefill(model, chunk, self.tokenizer.pad_token_id)
+            done = greedy_continue(model, pre, [width[p] for p in chunk], self._end_ids(model),
+                                   self.tokenizer.pad_token_id, keep_end=True)
+            gens.update(zip(chunk, done))
+        refs = {i: gens[tuple(p)][: len(t)] for i, (p, t) in zip(loc, enc)}
         empty = [i for i, r in refs.items() if not r]
         if empty:
             raise ValueError(f"no pre-edit continuation for locality items {empty} (the tokenizer has no end token?)")
         return refs
 
-    @torch.no_grad()
-    def score(self, model, items: list[Item], refs: dict[int, list[int]]) -> list[dict]:
-        """One row per item: ``eval_lang``, ``measure`` and a value per protocol (``prob`` may be ``None``)."""
-        if not items:
-            return []
+    def plan(self, items: list[Item], refs: dict[int, list[int]]) -> ScorePlan:
+        """What scoring ``items`` asks of the model: the teacher-forced rows and each prompt's generation width."""
         missing = [i for i, it in enumerate(items) if it.measure == "locality" and i not in refs]
         if missing:
             raise ValueError(f"locality items {missing} have no pre-edit reference: call references() before the edit")
         enc = [self._target(it, it.answers[0]) for it in items]
-        prompts = [p for p, _ in enc]
-        targets = [refs[i] if it.measure == "locality" else t for i, (it, (_, t)) in enumerate(zip(items, enc))]
-        olds = {i: self._target(it, it.old)[1] for i, it in enumerate(items) if it.old and it.measure != "locality"}
-        rows_tf = [(p, t) for p, t in zip(prompts, targets)] + [(prompts[i], t) for i, t in olds.items()]
-        tf = self._teacher_forced(model, rows_tf)
+        prompts = [tuple(p) for p, _ in enc]
+        targets = [tuple(refs[i]) if it.measure == "locality" else tuple(t) for i, (it, (_, t)) in enumerate(zip(items, enc))]
+        olds = {i: tuple(self._target(it, it.old)[1]) for i, it in enumerate(items) if it.old and it.measure != "locality"}
+        widths = [self._width(it, list(t)) for it, t in zip(items, targets)]
+        prompt_widths: dict[tuple, int] = {}
+        for p, w in zip(prompts, widths):  # locality and locality_gold share prompts
+            prompt_widths[p] = max(prompt_widths.get(p, 0), w)
+        rows = list(dict.fromkeys([*zip(prompts, targets), *((prompts[i], t) for i, t in olds.items())]))
+        return ScorePlan(prompts, targets, olds, widths, rows, prompt_widths)
 
-        width = max(len(t) for t in targets)
-        for it in items:  # an alias may be longer than the answer
-            if it.measure != "locality":
-                width = max(width, *(len(self._target(it, a)[1]) for a in it.answers[1:]), 0)
-        width = min(width + _EXTRA_GEN_TOKENS, self.max_new_tokens)
-        unique = list(dict.fromkeys(tuple(p) for p in prompts))  # locality and locality_gold share prompts
-        gen_of = dict(zip(unique, greedy_generate(model, self.tokenizer, [list(p) for p in unique], width)))
+    @torch.no_grad()
+    def score(self, model, items: list[Item], refs: dict[int, list[int]]) -> list[dict]:
+        """One row per item: ``eval_lang``, ``measure`` and a value per protocol (``prob`` may be ``None``).
 
+        Each distinct prompt goes through the model once; its targets (new, old,
+        locality reference) are scored and its continuation generated from
+        that one pass (:mod:`mke_lightning.prefix_scoring`).
+        """
+        if not items:
+            return []
+        plan = self.plan(items, refs)
+        scores, gens = self._run(model, plan.rows, plan.prompt_widths)
+        return self.rows(model, items, refs, plan, scores, gens)
+
+    def rows(self, model, items: list[Item], refs: dict[int, list[int]], plan: ScorePlan,
+             scores: dict[tuple, TargetScore], gens: dict[tuple, list[int]]) -> list[dict]:
+        """The per-item rows from the teacher-forced ``scores`` of ``plan.rows`` and the
+        continuations ``gens`` of each prompt (``plan.prompt_widths`` tokens at most)."""
+        prompts, targets, olds, widths = plan.prompts, plan.targets, plan.olds, plan.widths
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
+        end_ids = self._end_ids(model)
         rows = []
         for i, it in enumerate(items):
-            acc, predicted, logp = tf[(tuple(prompts[i]), tuple(targets[i]))]
-            gen = gen_of[tuple(prompts[i])]
+            res = scores[(prompts[i], targets[i])]
+            gen = gens[prompts[i]][: widths[i]]  # greedy: the item's own width is a prefix of the prompt's
             if it.measure == "locality":
                 ref = refs[i]
                 gold_text = decode(ref)
-                ends = ref[-1] in self._end_ids(model)  # the pre-edit model stopped there: so must the edited one
+                ends = ref[-1] in end_ids  # the pre-edit model stopped there: so must the edited one
                 body = ref[:-1] if ends else ref
                 gen_hit = gen[: len(body)] == body and (not ends or len(gen) == len(body))
             else:
                 gold_text = it.answers[0]
                 gen_hit = starts_with_answer(decode(gen), it.answers, it.lang)
-            pred_text = decode(predicted)
+            pred_text = decode(res.predicted)
             f1, f1_legacy = f1_scores(pred_text, gold_text, it.lang)
             prob = None
             if i in olds:
-                prob = prefers_new(logp, tf[(tuple(prompts[i]), tuple(olds[i]))][2])
+                prob = prefers_new(res.mean_logprob, scores[(prompts[i], olds[i])].mean_logprob)
             rows.append({
                 "eval_lang": it.lang, "measure": it.measure,
-                "token_acc": acc, "em": exact_match(pred_text, gold_text), "f1": f1, "f1_legacy": f1_legacy,
+                "token_acc": res.accuracy, "em": exact_match(pred_text, gold_text), "f1": f1, "f1_legacy": f1_legacy,
                 "prob": prob, "gen_em": float(gen_hit),
             })
         return rows
@@ -173,19 +215,32 @@ class EditEvaluator:
         ids = set(ids if isinstance(ids, (list, tuple)) else [] if ids is None else [ids])
         return ids | ({self.tokenizer.eos_token_id} - {None})
 
-    def _teacher_forced(self, model, rows: list[tuple[list[int], list[int]]]) -> dict[tuple, tuple[float, list[int], float]]:
-        """``(prompt, target) -> (token_acc, argmax tokens, mean log-prob)``; identical rows run
-        once, and rows are grouped by target length so the LM head projects no position not needed."""
-        device = next(model.parameters()).device
-        unique = list(dict.fromkeys((tuple(p), tuple(t)) for p, t in rows))
-        by_len: dict[int, list[tuple]] = {}
-        for key in unique:
-            by_len.setdefault(len(key[1]), []).append(key)
-        result: dict[tuple, tuple[float, list[int], float]] = {}
-        for keys in by_len.values():
-            for s in range(0, len(keys), self.batch_rows):
-                chunk = keys[s:s + self.batch_rows]
-                batch = pack([k[0] for k in chunk], [k[1] for k in chunk], self.tokenizer.pad_token_id).to(device)
-                out = teacher_forced(kept_logits(model, batch), batch)
-                result.update(zip(chunk, zip(out.accuracy.tolist(), out.predicted, out.mean_logprob.tolist())))
-        return result
+    def _chunks(self, prompts: list[tuple]) -> list[list[tuple]]:
+        """Prompts sorted by length (least padding), ``batch_rows`` per chunk."""
+        ordered = sorted(prompts, key=len)
+        return [ordered[s:s + self.batch_rows] for s in range(0, len(ordered), self.batch_rows)]
+
+    def _run(self, model, rows: list[tuple[tuple, tuple]], widths: dict[tuple, int]) -> tuple[dict, dict]:
+        """Teacher-forced scores of the ``(prompt, target)`` rows (identical rows once) and the
+        greedy continuation of each prompt in ``widths``, one prefill per prompt."""
+        unique = list(dict.fromkeys(rows))
+        by_prompt: dict[tuple, list[tuple]] = {}
+        for p, t in unique:
+            by_prompt.setdefault(p, []).append(t)
+        prompts = list(dict.fromkeys([*by_prompt, *widths]))
+        pad = self.tokenizer.pad_token_id
+        scores: dict[tuple, TargetScore] = {}
+        gens: dict[tuple, list[int]] = {}
+        for chunk in self._chunks(prompts):
+            pre = prefill(model, chunk, pad)
+            pairs = [(u, p, t) for u, p in enumerate(chunk) for t in by_prompt.get(p, [])]
+            got = score_targets(model, pre, [u for u, _, _ in pairs], [t for _, _, t in pairs], self.batch_rows)
+            scores.update({(p, t): s for (_, p, t), s in zip(pairs, got)})
+            if any(p in widths for p in chunk):
+                done = greedy_continue(model, pre, [widths.get(p, 0) for p in chunk], self._end_ids(model), pad)
+                gens.update((p, g) for p, g in zip(chunk, done) if p in widths)
+        return scores, gens
+
+    def _teacher_forced(self, model, rows: list[tuple[list[int], list[int]]]) -> dict[tuple, TargetScore]:
+        """``(prompt, target) -> TargetScore``; each prompt runs once, each identical row once."""
+        return self._run(model, [(tuple(p), tuple(t)) for p, t in rows], {})[0]

@@ -16,7 +16,7 @@ from mke_lightning.metrics import (
 )
 from mke_lightning.records import record_from_dict
 from mke_lightning.report import format_table, write_reports
-from mke_lightning.scoring import pack, target_logprobs, teacher_forced, token_accuracy
+from mke_lightning.scoring import kept_logits, pack, target_logprobs, teacher_forced, token_accuracy
 
 from conftest import toy_record
 
@@ -150,11 +150,15 @@ def test_every_row_carries_every_protocol(tiny):
         assert (row["prob"] is None) == (item.old is None)
         for proto in PROTOCOLS:
             assert row[proto] is None or 0.0 <= row[proto] <= 1.0
-    # prob = mean log-prob of the new target beats the old one's, recomputed here one row at a time
+    # prob = mean log-prob of the new target beats the old one's, recomputed here with one full forward pass per row
     rel = next(i for i, it in enumerate(items) if it.measure == "reliability")
-    p_new = ev._teacher_forced(model, [ev._target(items[rel], "rome")])
-    p_old = ev._teacher_forced(model, [ev._target(items[rel], "paris")])
-    assert rows[rel]["prob"] == float(next(iter(p_new.values()))[2] > next(iter(p_old.values()))[2])
+
+    def mean_logprob(answer: str) -> float:
+        prompt, target = ev._target(items[rel], answer)
+        b = pack([prompt], [target], tok.pad_token_id)
+        return float(target_logprobs(kept_logits(model, b), b).sum() / len(target))
+
+    assert rows[rel]["prob"] == float(mean_logprob("rome") > mean_logprob("paris"))
 
 
 def test_locality_agreement_with_the_pre_edit_model(tiny):
