@@ -30,7 +30,7 @@ import torch
 
 from mke_lightning.metrics import exact_match, f1_scores, normalize, prefers_new, starts_with_answer
 from mke_lightning.records import EditRecord, join_prompt
-from mke_lightning.prefix_scoring import TargetScore, greedy_continue, prefill, score_targets
+from mke_lightning.prefix_scoring import TargetScore, greedy_continue, prefill, score_and_continue, score_targets
 from mke_lightning.scoring import encode_continuation, encode_prompt
 
 MEASURES = ("reliability", "generality", "locality", "locality_gold", "portability", "multi_hop")
@@ -231,14 +231,18 @@ class EditEvaluator:
         pad = self.tokenizer.pad_token_id
         scores: dict[tuple, TargetScore] = {}
         gens: dict[tuple, list[int]] = {}
+        end_ids = self._end_ids(model)
         for chunk in self._chunks(prompts):
             pre = prefill(model, chunk, pad)
-            pairs = [(u, p, t) for u, p in enumerate(chunk) for t in by_prompt.get(p, [])]
-            got = score_targets(model, pre, [u for u, _, _ in pairs], [t for _, _, t in pairs], self.batch_rows)
-            scores.update({(p, t): s for (_, p, t), s in zip(pairs, got)})
-            if any(p in widths for p in chunk):
-                done = greedy_continue(model, pre, [widths.get(p, 0) for p in chunk], self._end_ids(model), pad)
-                gens.update((p, g) for p, g in zip(chunk, done) if p in widths)
+            # the first target of each prompt also guides its continuation; any others are scored apart
+            others = [(u, p, t) for u, p in enumerate(chunk) for t in by_prompt.get(p, [])[1:]]
+            if others:
+                got = score_targets(model, pre, [u for u, _, _ in others], [t for _, _, t in others], self.batch_rows)
+                scores.update({(p, t): sc for (_, p, t), sc in zip(others, got)})
+            first = [by_prompt[p][0] if p in by_prompt else () for p in chunk]
+            got, done = score_and_continue(model, pre, first, [widths.get(p, 0) for p in chunk], end_ids, pad)
+            scores.update({(p, t): sc for p, t, sc in zip(chunk, first, got) if t})
+            gens.update((p, g) for p, g in zip(chunk, done) if p in widths)
         return scores, gens
 
     def _teacher_forced(self, model, rows: list[tuple[list[int], list[int]]]) -> dict[tuple, TargetScore]:

@@ -113,6 +113,23 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     return cfg.name_or_path
 
 
+def contiguous_head_input(model) -> None:
+    """Hand the LM head a contiguous input.
+
+    With ``logits_to_keep`` the model slices the last positions of the hidden
+    states ``[B, T, d]`` before its head; the slice is a strided view, and on
+    CPU a linear layer over a strided 3-D input runs as a batched matmul with
+    the ``[V, d]`` weight expanded per row, several times slower than one
+    matmul (with a 262k-token vocabulary it dominated evaluation and editing).
+    A copy of the kept positions costs ``B x K x d`` and restores the fast path.
+    """
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "_mke_contiguous_input", False):
+        return
+    head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+    head._mke_contiguous_input = True
+
+
 def load_causal_lm(cfg: ModelConfig, device: str | torch.device | None = None) -> tuple[Any, Any, ArchSpec]:
     """Load ``(model, tokenizer, arch)`` in eval mode; parameters keep requires_grad off.
 
@@ -142,5 +159,6 @@ def load_causal_lm(cfg: ModelConfig, device: str | torch.device | None = None) -
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.eval()
     model.requires_grad_(False)
+    contiguous_head_input(model)
     arch = resolve_arch(model.config.model_type, cfg.architecture)
     return model, tokenizer, arch

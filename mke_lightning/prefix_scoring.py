@@ -7,8 +7,11 @@ the whole prompt through the model again. Here each prompt goes through once
 (:func:`prefill`, left-padded, the KV cache kept); a target is then scored by
 sending only its own tokens on top of a copy of that cache
 (:func:`score_targets`), and the continuation is decoded from the cache
-(:func:`greedy_continue`), each row stopping at its own length or end token
-and leaving the batch, so that no step is spent on a finished row.
+(:func:`score_and_continue`, :func:`greedy_continue`), each row stopping at
+its own length or end token and leaving the batch, so that no step is spent
+on a finished row. Where the greedy continuation agrees with a target, its
+tokens are read off the target's teacher-forced pass instead of being decoded
+again.
 
 The results equal those of a full forward pass per row and of
 ``model.generate`` per prompt, up to floating-point summation order.
@@ -110,52 +113,126 @@ def score_targets(
 
 
 @torch.no_grad()
-def greedy_continue(
-    model, pre: Prefill, widths: Sequence[int], end_ids: set[int], pad_id: int, keep_end: bool = False
-) -> list[list[int]]:
-    """Greedy continuation of every prompt of ``pre``, at most ``widths[u]`` tokens for prompt ``u``.
+def score_and_continue(
+    model,
+    pre: Prefill,
+    targets: Sequence[Sequence[int]],
+    widths: Sequence[int],
+    end_ids: set[int],
+    pad_id: int,
+    keep_end: bool = False,
+) -> tuple[list[TargetScore | None], list[list[int]]]:
+    """Per prompt ``u`` of ``pre``: the teacher-forced score of ``targets[u]``
+    (``None`` where it is empty) and its greedy continuation of at most
+    ``widths[u]`` tokens.
 
-    A row stops at its width or at an end token (kept as its last token with
-    ``keep_end``; a generated pad token stops it too and is never kept), and
-    leaves the batch. Consumes ``pre``: its cache holds the decoded tokens after.
+    The targets are sent through the model on top of the prompts' cache in
+    one pass. Greedy decoding follows a target for as long as the model's
+    argmax agrees with it, so those tokens, and the one after them, are read
+    off that pass; decoding then goes on from the same cache, with the
+    target's unused tail masked out. A row stops at its width or at an end
+    token (kept as its last token with ``keep_end``; a generated pad token
+    stops it too and is never kept) and leaves the batch. Consumes ``pre``.
     """
-    if len(widths) != pre.last_logits.shape[0]:
-        raise ValueError(f"{len(widths)} widths for {pre.last_logits.shape[0]} prompts")
-    out: list[list[int]] = [[] for _ in widths]
-    live = [u for u, w in enumerate(widths) if w > 0]  # prompt of each batch row
-    cache, mask, pos = pre.cache, pre.mask, pre.next_pos
-    logits = pre.last_logits
-    if len(live) < len(widths):
-        sel = torch.tensor(live, device=mask.device)
-        cache, mask, pos, logits = _select(cache, mask, pos, logits, sel)
+    count = pre.last_logits.shape[0]
+    if len(targets) != count or len(widths) != count:
+        raise ValueError(f"{len(targets)} targets and {len(widths)} widths for {count} prompts")
+    device = pre.mask.device
+    longest = max((len(t) for t in targets), default=0)
+    scores: list[TargetScore | None] = [None] * count
+    if longest and not _window_allows(model, pre.mask.shape[1] + longest + max(widths, default=0)):
+        # a sliding window shorter than the rows: holes in the cache would shift it, so score apart
+        nonempty = [u for u, t in enumerate(targets) if t]
+        for u, sc in zip(nonempty, score_targets(model, pre, nonempty, [targets[u] for u in nonempty])):
+            scores[u] = sc
+        longest = 0
+    if longest:
+        ids = torch.full((count, longest), pad_id, dtype=torch.long)
+        tmask = torch.zeros((count, longest), dtype=torch.long)
+        for u, t in enumerate(targets):
+            ids[u, : len(t)] = torch.tensor(list(t), dtype=torch.long)
+            tmask[u, : len(t)] = 1
+        out = model(
+            input_ids=ids.to(device),
+            attention_mask=torch.cat([pre.mask, tmask.to(device)], dim=1),  # [U, T + K]
+            position_ids=pre.next_pos[:, None] + torch.arange(longest, device=device),  # [U, K]
+            past_key_values=pre.cache,
+            use_cache=True,
+        )
+        cache = out.past_key_values
+        logits = torch.cat([pre.last_logits[:, None], out.logits], dim=1)  # [U, K + 1, V]: predicts t[0..K-1], then what follows
+        argmax = logits.argmax(-1).tolist()  # [U][K + 1]
+        norm = torch.logsumexp(logits.float(), dim=-1)  # [U, K + 1]
+        followed = []  # per row: how many target tokens the greedy path shares with the target
+        for u, t in enumerate(targets):
+            n, t = len(t), list(t)
+            agree = next((k for k in range(n) if argmax[u][k] != t[k]), n)
+            followed.append(agree)
+            if n:
+                picked = logits[u, torch.arange(n, device=device), torch.tensor(t, device=device)].float() - norm[u, :n]
+                predicted = argmax[u][:n]
+                scores[u] = TargetScore(sum(p == q for p, q in zip(predicted, t)) / n, predicted, float(picked.mean()))
+        paths = [list(t[:k]) + [argmax[u][k]] for u, (t, k) in enumerate(zip(targets, followed))]
+        seen = (torch.arange(longest)[None, :] < torch.tensor(followed)[:, None]).long()  # [U, K] cache kept visible
+        mask = torch.cat([pre.mask, seen.to(device)], dim=1)  # [U, T + K]
+        pos = pre.next_pos + torch.tensor(followed, device=device)
+    else:
+        cache, mask, pos = pre.cache, pre.mask, pre.next_pos
+        paths = [[t] for t in pre.last_logits.argmax(-1).tolist()]
+
+    out_tokens: list[list[int]] = [[] for _ in range(count)]
+    live = [u for u in range(count) if _walk(paths[u], out_tokens[u], widths[u], end_ids, pad_id, keep_end)]
+    if not live:
+        return scores, out_tokens
+    sel = torch.tensor(live, device=device)
+    cache.batch_select_indices(sel)
+    tokens = torch.tensor([paths[u][-1] for u in live], device=device)  # [A] the next token to feed
+    mask, pos = mask[sel], pos[sel]
     while live:
-        tokens = logits.argmax(-1)  # [A]
-        keep = []
-        for j, (u, t) in enumerate(zip(live, tokens.tolist())):
-            if t in end_ids or t == pad_id:
-                if keep_end and t in end_ids:
-                    out[u].append(t)
-                continue
-            out[u].append(t)
-            if len(out[u]) < widths[u]:
-                keep.append(j)
-        if not keep:
-            break
-        if len(keep) < len(live):
-            sel = torch.tensor(keep, device=mask.device)
-            cache, mask, pos, logits = _select(cache, mask, pos, logits, sel)
-            tokens = tokens[sel]
-            live = [live[j] for j in keep]
-        mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)  # [A, T + 1]
+        mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)  # [A, T + K + steps]
         step = model(
             input_ids=tokens[:, None], attention_mask=mask, position_ids=pos[:, None],
             past_key_values=cache, use_cache=True, logits_to_keep=1,
         )
-        cache, logits, pos = step.past_key_values, step.logits[:, -1], pos + 1
-    return out
+        cache, pos = step.past_key_values, pos + 1
+        tokens = step.logits[:, -1].argmax(-1)  # [A]
+        keep = [j for j, (u, t) in enumerate(zip(live, tokens.tolist()))
+                if _walk([t], out_tokens[u], widths[u], end_ids, pad_id, keep_end)]
+        if len(keep) < len(live):
+            if not keep:
+                break
+            sel = torch.tensor(keep, device=device)
+            cache.batch_select_indices(sel)
+            tokens, mask, pos = tokens[sel], mask[sel], pos[sel]
+            live = [live[j] for j in keep]
+    return scores, out_tokens
 
 
-def _select(cache, mask: torch.Tensor, pos: torch.Tensor, logits: torch.Tensor, sel: torch.Tensor):
-    """Keep batch rows ``sel`` of the decoding state (the cache in place)."""
-    cache.batch_select_indices(sel)
-    return cache, mask[sel], pos[sel], logits[sel]
+def greedy_continue(
+    model, pre: Prefill, widths: Sequence[int], end_ids: set[int], pad_id: int, keep_end: bool = False
+) -> list[list[int]]:
+    """Greedy continuation of every prompt of ``pre``, at most ``widths[u]`` tokens for
+    prompt ``u`` (stopping rules of :func:`score_and_continue`). Consumes ``pre``."""
+    count = pre.last_logits.shape[0]
+    if len(widths) != count:
+        raise ValueError(f"{len(widths)} widths for {count} prompts")
+    return score_and_continue(model, pre, [[] for _ in range(count)], widths, end_ids, pad_id, keep_end)[1]
+
+
+def _walk(tokens: Sequence[int], out: list[int], width: int, end_ids: set[int], pad_id: int, keep_end: bool) -> bool:
+    """Append greedy ``tokens`` to ``out`` until the row ends; True while it goes on."""
+    for t in tokens:
+        if len(out) >= width:
+            return False
+        if t in end_ids or t == pad_id:
+            if keep_end and t in end_ids:
+                out.append(t)
+            return False
+        out.append(t)
+    return len(out) < width
+
+
+def _window_allows(model, length: int) -> bool:
+    """Whether every attention layer sees ``length`` tokens whole (no sliding window shorter)."""
+    window = getattr(getattr(model, "config", None), "sliding_window", None)
+    return not isinstance(window, int) or window <= 0 or length < window
