@@ -80,7 +80,7 @@ class EditEvaluation(L.Callback):
         Args:
             measures: which measures to evaluate (default all: reliability, generality, locality,
                 locality_gold, portability, multi_hop).
-            batch_rows: teacher-forced rows per forward pass.
+            batch_rows: prompts (and teacher-forced rows) per forward pass.
             max_new_tokens: cap on the greedy generation length.
             perplexity: downstream impact settings (text sample, languages, how often); default on.
             output_dir: where to write results (default: the trainer's log dir).
