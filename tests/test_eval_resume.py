@@ -167,8 +167,14 @@ def test_under_two_ranks_each_rank_gets_back_its_own_edits(tmp_path, tiny_llama_
     resumed, whole = _files(tmp_path / "run" / "version_1"), uninterrupted("single")
     assert resumed["results.json"]["world_size"] == 2
     assert {**resumed["results.json"], "world_size": 1} == whole["results.json"]  # summed over the ranks: the same figures
-    for name in ("edits", "perplexity"):
-        assert sorted(resumed[name].splitlines()) == sorted(whole[name].splitlines())
+    assert sorted(resumed["edits"].splitlines()) == sorted(whole["edits"].splitlines())
+    # perplexity: computed in another process with another thread count, so equal up to float summation order
+    ppl = lambda text: sorted(([r["record_id"], r["lang"]], [float(r[k]) for k in ("ppl_pre", "ppl_post", "ratio")])
+                              for r in csv.DictReader(io.StringIO(text)))
+    got, want = ppl(resumed["perplexity"]), ppl(whole["perplexity"])
+    assert [k for k, _ in got] == [k for k, _ in want]
+    for (_, a), (_, b) in zip(got, want):
+        assert a == pytest.approx(b, rel=1e-5)
     # rank 0's rows (r0 from before the restart, r2), then rank 1's (r1, r3): as an uninterrupted two-rank run writes them
     rows = list(csv.DictReader(io.StringIO(resumed["edits"])))
     assert list(dict.fromkeys(r["record_id"] for r in rows)) == ["r0", "r2", "r1", "r3"]
