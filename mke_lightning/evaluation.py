@@ -30,7 +30,7 @@ import torch
 
 from mke_lightning.metrics import exact_match, f1_scores, normalize, prefers_new, starts_with_answer
 from mke_lightning.records import EditRecord, join_prompt
-from mke_lightning.prefix_scoring import TargetScore, greedy_continue, prefill, score_and_continue, score_targets
+from mke_lightning.prefix_scoring import TargetScore, prefill, score_and_continue, score_targets
 from mke_lightning.scoring import encode_continuation, encode_prompt
 
 MEASURES = ("reliability", "generality", "locality", "locality_gold", "portability", "multi_hop")
@@ -132,16 +132,10 @@ class EditEvaluator:
         if not loc:
             return {}
         enc = [self._target(items[i], items[i].answers[0]) for i in loc]
-        prompts = list(dict.fromkeys(tuple(p) for p, _ in enc))
-        width = {p: 0 for p in prompts}
-        for p, t in enc:
-            width[tuple(p)] = max(width[tuple(p)], len(t))
-        gens = {}
-        for chunk in self._chunks(prompts):
-            pre = prefill(model, chunk, self.tokenizer.pad_token_id)
-            done = greedy_continue(model, pre, [width[p] for p in chunk], self._end_ids(model),
-                                   self.tokenizer.pad_token_id, keep_end=True)
-            gens.update(zip(chunk, done))
+        width: dict[tuple, int] = {}
+        for p, t in enc:  # items of one prompt share its continuation
+            width[tuple(p)] = max(width.get(tuple(p), 0), len(t))
+        gens = self._run(model, [], width, keep_end=True)[1]
         refs = {i: gens[tuple(p)][: len(t)] for i, (p, t) in zip(loc, enc)}
         empty = [i for i, r in refs.items() if not r]
         if empty:
@@ -220,9 +214,10 @@ class EditEvaluator:
         ordered = sorted(prompts, key=len)
         return [ordered[s:s + self.batch_rows] for s in range(0, len(ordered), self.batch_rows)]
 
-    def _run(self, model, rows: list[tuple[tuple, tuple]], widths: dict[tuple, int]) -> tuple[dict, dict]:
+    def _run(self, model, rows: list[tuple[tuple, tuple]], widths: dict[tuple, int], keep_end: bool = False) -> tuple[dict, dict]:
         """Teacher-forced scores of the ``(prompt, target)`` rows (identical rows once) and the
-        greedy continuation of each prompt in ``widths``, one prefill per prompt."""
+        greedy continuation of each prompt in ``widths`` (an end token kept with ``keep_end``),
+        one prefill per prompt."""
         unique = list(dict.fromkeys(rows))
         by_prompt: dict[tuple, list[tuple]] = {}
         for p, t in unique:
@@ -240,11 +235,7 @@ class EditEvaluator:
                 got = score_targets(model, pre, [u for u, _, _ in others], [t for _, _, t in others], self.batch_rows)
                 scores.update({(p, t): sc for (_, p, t), sc in zip(others, got)})
             first = [by_prompt[p][0] if p in by_prompt else () for p in chunk]
-            got, done = score_and_continue(model, pre, first, [widths.get(p, 0) for p in chunk], end_ids, pad)
+            got, done = score_and_continue(model, pre, first, [widths.get(p, 0) for p in chunk], end_ids, pad, keep_end)
             scores.update({(p, t): sc for p, t, sc in zip(chunk, first, got) if t})
             gens.update((p, g) for p, g in zip(chunk, done) if p in widths)
         return scores, gens
-
-    def _teacher_forced(self, model, rows: list[tuple[list[int], list[int]]]) -> dict[tuple, TargetScore]:
-        """``(prompt, target) -> TargetScore``; each prompt runs once, each identical row once."""
-        return self._run(model, [(tuple(p), tuple(t)) for p, t in rows], {})[0]

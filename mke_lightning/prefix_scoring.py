@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from mke_lightning.scoring import left_pad
+from mke_lightning.scoring import left_pad, right_pad
 
 
 @dataclass
@@ -88,11 +88,7 @@ def score_targets(
         longest = max(len(t) for t in tgts)
         logits = pre.last_logits[idx].unsqueeze(1)  # [R, 1, V]
         if longest > 1:
-            cont = torch.full((len(tgts), longest - 1), 0, dtype=torch.long)
-            cont_mask = torch.zeros((len(tgts), longest - 1), dtype=torch.long)
-            for i, t in enumerate(tgts):
-                cont[i, : len(t) - 1] = torch.tensor(t[:-1], dtype=torch.long)
-                cont_mask[i, : len(t) - 1] = 1
+            cont, cont_mask = right_pad([t[:-1] for t in tgts], longest - 1, pad_id=0)  # [R, K - 1] each
             out = model(
                 input_ids=cont.to(device),
                 attention_mask=torch.cat([pre.mask[idx], cont_mask.to(device)], dim=1),  # [R, T + K - 1]
@@ -101,14 +97,7 @@ def score_targets(
                 use_cache=True,
             )
             logits = torch.cat([logits, out.logits], dim=1)  # [R, K, V]
-        logp = torch.log_softmax(logits.float(), dim=-1)  # [R, K, V]
-        argmax = logp.argmax(-1).tolist()  # [R][K]
-        for i, t in enumerate(tgts):
-            n = len(t)
-            picked = logp[i, torch.arange(n, device=device), torch.tensor(t, device=device)]  # [n]
-            predicted = argmax[i][:n]
-            hits = sum(p == q for p, q in zip(predicted, t))
-            scores.append(TargetScore(hits / n, predicted, float(picked.mean())))
+        scores += _target_scores(logits, tgts, logits.argmax(-1).tolist())
     return scores
 
 
@@ -147,11 +136,7 @@ def score_and_continue(
             scores[u] = sc
         longest = 0
     if longest:
-        ids = torch.full((count, longest), pad_id, dtype=torch.long)
-        tmask = torch.zeros((count, longest), dtype=torch.long)
-        for u, t in enumerate(targets):
-            ids[u, : len(t)] = torch.tensor(list(t), dtype=torch.long)
-            tmask[u, : len(t)] = 1
+        ids, tmask = right_pad(targets, longest, pad_id)  # [U, K] each
         out = model(
             input_ids=ids.to(device),
             attention_mask=torch.cat([pre.mask, tmask.to(device)], dim=1),  # [U, T + K]
@@ -162,16 +147,12 @@ def score_and_continue(
         cache = out.past_key_values
         logits = torch.cat([pre.last_logits[:, None], out.logits], dim=1)  # [U, K + 1, V]: predicts t[0..K-1], then what follows
         argmax = logits.argmax(-1).tolist()  # [U][K + 1]
-        norm = torch.logsumexp(logits.float(), dim=-1)  # [U, K + 1]
-        followed = []  # per row: how many target tokens the greedy path shares with the target
-        for u, t in enumerate(targets):
-            n, t = len(t), list(t)
-            agree = next((k for k in range(n) if argmax[u][k] != t[k]), n)
-            followed.append(agree)
-            if n:
-                picked = logits[u, torch.arange(n, device=device), torch.tensor(t, device=device)].float() - norm[u, :n]
-                predicted = argmax[u][:n]
-                scores[u] = TargetScore(sum(p == q for p, q in zip(predicted, t)) / n, predicted, float(picked.mean()))
+        nonempty = [u for u, t in enumerate(targets) if t]
+        got = _target_scores(logits[nonempty], [targets[u] for u in nonempty], [argmax[u] for u in nonempty])
+        for u, sc in zip(nonempty, got):
+            scores[u] = sc
+        # per row: how many target tokens the greedy path shares with the target
+        followed = [next((k for k in range(len(t)) if argmax[u][k] != t[k]), len(t)) for u, t in enumerate(targets)]
         paths = [list(t[:k]) + [argmax[u][k]] for u, (t, k) in enumerate(zip(targets, followed))]
         seen = (torch.arange(longest)[None, :] < torch.tensor(followed)[:, None]).long()  # [U, K] cache kept visible
         mask = torch.cat([pre.mask, seen.to(device)], dim=1)  # [U, T + K]
@@ -217,6 +198,19 @@ def greedy_continue(
     if len(widths) != count:
         raise ValueError(f"{len(widths)} widths for {count} prompts")
     return score_and_continue(model, pre, [[] for _ in range(count)], widths, end_ids, pad_id, keep_end)[1]
+
+
+def _target_scores(logits: torch.Tensor, targets: Sequence[Sequence[int]], argmax: list[list[int]]) -> list[TargetScore]:
+    """Scores of each row's target from logits ``[R, >=K, V]`` whose position ``k`` predicts ``target[k]``."""
+    norm = torch.logsumexp(logits.float(), dim=-1)  # [R, K']
+    scores = []
+    for i, t in enumerate(targets):
+        n, t = len(t), list(t)
+        steps = torch.arange(n, device=logits.device)
+        picked = logits[i, steps, torch.tensor(t, device=logits.device)].float() - norm[i, :n]  # [n] log-probabilities
+        predicted = argmax[i][:n]
+        scores.append(TargetScore(sum(p == q for p, q in zip(predicted, t)) / n, predicted, float(picked.mean())))
+    return scores
 
 
 def _walk(tokens: Sequence[int], out: list[int], width: int, end_ids: set[int], pad_id: int, keep_end: bool) -> bool:

@@ -57,6 +57,17 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     return ids, mask, pos
 
 
+def right_pad(rows: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)``, each ``[B, width]``: rows left-aligned, padded on the right."""
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, : len(r)] = 1
+    return ids, mask
+
+
 def pack(prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], pad_id: int) -> PackedBatch:
     """Rows ``prompt + target[:-1]``; ``targets`` aligned to the last positions."""
     rows = [list(p) + list(t[:-1]) for p, t in zip(prompts, targets)]
