@@ -8,7 +8,8 @@
 #
 # DATA_DIR defaults to ../shared/data/mzsre; RUN names (default: all, in this
 # order): ft_l memla lora memla-no_independent memla-no_specific lafn
-# memla-sequential lafn-sequential. Outputs: runs/mzsre-<RUN>/version_0/
+# memla-sequential lafn-sequential; also memla-busy_filter (MEMLA with busy
+# neurons dropped from its masks, configs/mzsre/busy_filter.yaml). Outputs: runs/mzsre-<RUN>/version_0/
 # (results.json, edits.csv, heatmaps, deltas/), then the comparison in
 # runs/mzsre-compare/ (mke report).
 set -euo pipefail
@@ -46,6 +47,7 @@ for r in "${RUNS[@]}"; do
     ft_l | memla | lora | lafn) run "$r" "configs/mzsre/$r.yaml" ;;
     memla-no_independent) run "$r" configs/mzsre/memla.yaml --model.lora.categories '[specific]' ;;
     memla-no_specific) run "$r" configs/mzsre/memla.yaml --model.lora.categories '[independent]' ;;
+    memla-busy_filter) run "$r" configs/mzsre/memla.yaml --config configs/mzsre/busy_filter.yaml ;;
     memla-sequential | lafn-sequential)
       run "$r" "configs/mzsre/${r%-sequential}.yaml" --model.protocol sequential ;;
     *) echo "unknown run $r" >&2; exit 2 ;;

@@ -16,6 +16,9 @@ Categories: *language-independent* neurons are in the sets of at least
 MEMLA authors); *language-specific* ones are the edit language's set minus
 those. ``max_per_layer`` then caps each layer of each category (highest summed
 scores kept). The per-language sets travel with the mask for inspection.
+
+With ``background`` set, neurons busy on unrelated text are then dropped
+from every mask (:mod:`mke_lightning.background`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 
 from mke_lightning.architectures import ArchSpec
 from mke_lightning.attribution import AttributionConfig, attribute_rows
+from mke_lightning.background import BackgroundConfig
 from mke_lightning.neurons import NeuronMask
 from mke_lightning.records import EditRecord, RecordError, join_prompt
 from mke_lightning.scoring import encode_continuation, encode_prompt, greedy_generate
@@ -59,6 +63,9 @@ class LocalizationConfig:
     templates: list[str] = field(default_factory=list)
     """Extra prompts made from each language's edit prompt, each template holding ``{prompt}``
     (e.g. ``"Q: {prompt} A:"``); attributed like paraphrases."""
+    background: BackgroundConfig | None = None
+    """Drop neurons busy on unrelated text from every mask (null: keep them, as the authors);
+    applied after the mask cache (:mod:`mke_lightning.background`)."""
 
     def __post_init__(self) -> None:
         if self.threshold is None and self.top_k is None:

@@ -15,6 +15,7 @@ from typing import Callable
 import torch.distributed as dist
 
 from mke_lightning.architectures import ArchSpec
+from mke_lightning.background import drop_busy
 from mke_lightning.localization import LocalizationConfig, locate
 from mke_lightning.neuron_cache import MaskCache
 from mke_lightning.neurons import NeuronMask
@@ -117,6 +118,13 @@ def localize_records(
     if missing:
         raise RuntimeError(f"localisation lost records {missing[:5]} in the gather across {world} ranks")
     result.masks = {i: gathered[i] for i in order}
+    if cfg.background is not None:  # the same on every rank: same model, same prompts
+        result.masks, busy = drop_busy(model, tokenizer, arch, result.masks, cfg.background)
+        dropped = sum(m.metadata["background_dropped"] for m in result.masks.values())
+        report(
+            f"  busy neurons (mean |activation| > {cfg.background.max_ratio:g} x layer median on unrelated prompts): "
+            f"{sum(len(v) for v in busy.values())} in {len(busy)} layers; {dropped} dropped from {len(result.masks)} masks"
+        )
     if world > 1:
         report(
             f"  [rank {rank}] holds the masks of {len(result.masks)} records "

@@ -81,6 +81,7 @@ def model_fingerprint(model, tokenizer, arch: ArchSpec) -> str:
 def settings_key(cfg: LocalizationConfig, edit_language: str) -> dict[str, Any]:
     """The settings that decide which neurons are found (the cache key's part)."""
     key = asdict(cfg)
+    key.pop("background", None)  # applied to masks after the cache: cached masks are unfiltered
     for name in SPEED_ONLY:
         key["attribution"].pop(name, None)
     key["edit_language"] = edit_language

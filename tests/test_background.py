@@ -1,0 +1,87 @@
+"""Neurons busy on unrelated text: found, dropped from masks after the cache, and why it matters."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import mke_lightning.localization_stage as stage
+from mke_lightning.attribution import AttributionConfig
+from mke_lightning.background import BackgroundConfig, background_prompts, busy_neurons, neuron_activity, without
+from mke_lightning.localization import LocalizationConfig, locate
+from mke_lightning.localization_stage import localize_records
+from mke_lightning.model_loading import ModelConfig, load_causal_lm
+from mke_lightning.neuron_cache import MaskCache, model_fingerprint, settings_key
+from mke_lightning.neurons import NeuronMask
+from mke_lightning.records import record_from_dict
+
+from conftest import toy_record
+
+BUSY_LAYER, BUSY_NEURON = 1, 5
+
+
+def test_busy_neurons_are_those_above_the_ratio_of_their_layer_median():
+    quiet = torch.ones(8)
+    loud = torch.tensor([1.0, 1.0, 1.0, 30.0, 1.0, 9.0, 1.0, 11.0])
+    assert busy_neurons([quiet, loud], 10.0) == {1: {3, 7}}
+    assert busy_neurons([quiet, loud], 20.0) == {1: {3}}
+    assert busy_neurons([quiet, loud], 40.0) == {}
+
+
+def test_without_strips_every_category_and_language_set():
+    mask = NeuronMask(
+        "r", layers={"independent": {0: [1, 2], 1: [3]}, "specific": {1: [3, 4]}},
+        languages={"en": {0: [2], 1: [3, 4]}, "fr": {1: [3]}}, metadata={"method": "x"},
+    )
+    kept = without(mask, {0: {2}, 1: {3}})
+    assert kept.layers == {"independent": {0: [1]}, "specific": {1: [4]}}
+    assert kept.languages == {"en": {1: [4]}, "fr": {}}
+    assert kept.metadata == {"method": "x", "background_dropped": 3}
+    assert mask.count() == 5  # the input is left as it was
+
+
+def test_bad_background_settings_are_named(tmp_path):
+    with pytest.raises(ValueError, match="max_ratio"):
+        BackgroundConfig(max_ratio=1.0)
+    prompts = tmp_path / "bg.json"
+    prompts.write_text(json.dumps({"en": ["some words here"]}), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bg\.json has no prompts for \['de'\]"):
+        background_prompts(BackgroundConfig(prompts=str(prompts), languages=["de"]))
+    assert background_prompts(BackgroundConfig(prompts=str(prompts))) == ["some words here"]
+
+
+def test_a_neuron_made_busy_is_found_and_dropped_after_the_cache(tmp_path, tiny_llama_dir, monkeypatch):
+    model, tok, arch = load_causal_lm(ModelConfig(name_or_path=str(tiny_llama_dir)))
+    with torch.no_grad():  # one neuron fires 50x harder on every token
+        model.model.layers[BUSY_LAYER].mlp.up_proj.weight[BUSY_NEURON] *= 50
+    records = [record_from_dict(toy_record(f"r{i}")) for i in range(2)]
+    words = tmp_path / "unrelated.json"
+    words.write_text(json.dumps({"en": ["the city of the tower is", "the river is in the city"]}), encoding="utf-8")
+    plain = LocalizationConfig(attribution=AttributionConfig(steps=3), cross_languages=["en", "fr"], threshold=0.1)
+    filtered = LocalizationConfig(**{**plain.__dict__, "background": BackgroundConfig(max_ratio=10.0, prompts=str(words))})
+    assert settings_key(plain, "en") == settings_key(filtered, "en")
+
+    activity = neuron_activity(model, tok, arch, background_prompts(filtered.background))
+    assert [a.shape for a in activity] == [torch.Size([64])] * 2
+    assert busy_neurons(activity, 10.0) == {BUSY_LAYER: {BUSY_NEURON}}
+
+    calls: list[str] = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[3].id)
+        return locate(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "locate", counted)
+    cache = lambda cfg: MaskCache(tmp_path / "cache", model_fingerprint(model, tok, arch), cfg, "en")  # noqa: E731
+    before = localize_records(model, tok, arch, records, "en", plain, cache=cache(plain)).masks
+    assert calls == ["r0", "r1"]
+    assert any(BUSY_NEURON in m.union().get(BUSY_LAYER, []) for m in before.values())  # attribution picks it
+
+    after = localize_records(model, tok, arch, records, "en", filtered, cache=cache(filtered)).masks
+    assert calls == ["r0", "r1"]  # read from the same cache entries, not localised again
+    for rid, m in after.items():
+        assert BUSY_NEURON not in m.union().get(BUSY_LAYER, [])
+        assert m.layers == without(before[rid], {BUSY_LAYER: {BUSY_NEURON}}).layers
+        assert m.metadata["background_dropped"] == before[rid].count() - m.count()
