@@ -33,3 +33,35 @@ def test_real_model_batched_equals_loop_and_cache_round_trip(real_model, tmp_pat
     mask = again.masks[record.id]
     assert mask.same_neurons(first.masks[record.id]) and mask.count() > 0
     assert set(mask.languages) == {"en", "zh", "fr"}
+
+
+def test_real_model_busy_neurons_are_few_and_editing_one_moves_unrelated_text(real_model):
+    """The background filter's reason: on Gemma 3 270M under 1% of neurons are busy on unrelated
+    prompts, and the same value-vector change moves unrelated text far more through a busy neuron."""
+    import torch
+
+    from mke_lightning.background import BackgroundConfig, background_prompts, busy_neurons, neuron_activity
+
+    model, tok, arch = real_model
+    activity = neuron_activity(model, tok, arch, background_prompts(BackgroundConfig()))
+    busy = busy_neurons(activity, 10.0)
+    total = sum(a.numel() for a in activity)
+    assert 0 < sum(len(v) for v in busy.values()) < 0.01 * total
+
+    layer = 16
+    loud = int(activity[layer].argmax())
+    quiet = int((activity[layer] - activity[layer].median()).abs().argmin())
+    ids = torch.tensor([encode_prompt(tok, "Yesterday the children walked to the old library near the river.")])
+    weight = model.get_submodule(arch.mlp_out_name(layer)).weight  # [d_model, d_ff]
+    push = torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(0))
+    push = 0.5 * push / push.norm()
+    with torch.no_grad():
+        base = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+        moved = {}
+        for neuron in (loud, quiet):
+            weight[:, neuron] += push
+            post = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+            weight[:, neuron] -= push
+            moved[neuron] = float((base.exp() * (base - post)).sum(-1).mean())  # KL(before || after) per token
+    assert loud in busy[layer] and quiet not in busy.get(layer, ())
+    assert moved[loud] > 10 * moved[quiet], moved
