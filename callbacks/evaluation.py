@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mke_lightning.aggregate import EvalAggregate
 from mke_lightning.callbacks._protocol import languages_of, model_and_tokenizer
+from mke_lightning.localization import LocalizationConfig
 from mke_lightning.evaluation import MEASURES, EditEvaluator, Item, build_items, target_group
 from mke_lightning.metrics import PROTOCOLS
 from mke_lightning.perplexity import PerplexityConfig, PerplexityProbe, load_sample, ratios
@@ -447,7 +448,7 @@ class EditEvaluation(L.Callback):
             "eval_seconds_per_edit_median_rank0": round(seconds[len(seconds) // 2], 3) if seconds else None,
             "perplexity": {"every_n_edits": self.perplexity.every_n_edits, "texts_per_language": self.perplexity.texts_per_language,
                            "max_tokens": self.perplexity.max_tokens, "sample": self.perplexity.path or "packaged"},
-            **_picked(info, "settings"),
+            **_picked(_with_localization(info, trainer), "settings"),
         }
         retention = None
         if self.retention:
@@ -485,6 +486,15 @@ def _gather_parts(obj):
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, obj)
     return parts
+
+
+def _with_localization(info: dict, trainer) -> dict:
+    """``info`` with the run's localisation settings under ``settings.localization`` (where a callback
+    of the run localises), so that runs differing only there are told apart."""
+    loc = next((cb.settings for cb in trainer.callbacks if isinstance(getattr(cb, "settings", None), LocalizationConfig)), None)
+    if loc is None:
+        return info
+    return {**info, "settings": {**info.get("settings", {}), "localization": asdict(loc)}}
 
 
 def _picked(info: dict, key: str) -> dict:

@@ -57,6 +57,8 @@ def test_fit_runs_in_process_and_writes_reports(tmp_path, tiny_llama_dir, capsys
     results = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
     assert results["model_state"] == "edited"
     assert set(results["results"]["language"]) == {"en", "fr", "de"}
+    loc = results["settings"]["localization"]  # the localising callback's settings, beside the module's
+    assert loc["attribution"]["steps"] == 3 and loc["cross_languages"] == ["en", "fr"] and loc["background"] is None
     csv_rows = next((tmp_path / "runs").rglob("edits.csv")).read_text().strip().splitlines()
     assert len(csv_rows) == 1 + 2 * 3 * 5  # header + records x languages x measures
     assert len(cli.model.outcomes) == 2 and all(o.neurons > 0 for o in cli.model.outcomes)
