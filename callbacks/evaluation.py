@@ -12,8 +12,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mke_lightning.aggregate import EvalAggregate
 from mke_lightning.callbacks._protocol import languages_of, model_and_tokenizer
-from mke_lightning.localization import LocalizationConfig
 from mke_lightning.evaluation import MEASURES, EditEvaluator, Item, build_items, target_group
+from mke_lightning.localization import LocalizationConfig
 from mke_lightning.metrics import PROTOCOLS
 from mke_lightning.perplexity import PerplexityConfig, PerplexityProbe, load_sample, ratios
 from mke_lightning.report import format_retention_table, format_table, legend, write_reports

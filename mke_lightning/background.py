@@ -4,9 +4,10 @@ Attribution scores a neuron by activation times gradient, so a neuron that
 fires strongly on *every* token scores high for every fact. Changing such a
 neuron's value vector moves the residual stream at every position of every
 text: the edit lands, and the model's perplexity elsewhere explodes. On
-Gemma 3 270M a few such neurons per layer (mean |activation| 50-110 x the
-layer's median on unrelated prompts) recur in most MEMLA and LAFN masks
-(docs/localization.md#busy-neurons).
+Gemma 3 270M 2-23 neurons per layer have a mean |activation| on unrelated
+prompts above 10 x the layer's median (the busiest up to 113 x), and they
+recur in most MEMLA and LAFN masks (docs/localization.md#busy-neurons;
+bench/busy_neurons.py).
 
 ``background`` in the localisation settings measures each neuron's mean
 absolute activation (the input of the MLP output projection) over unrelated
