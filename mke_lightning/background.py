@@ -46,13 +46,17 @@ class BackgroundConfig:
             raise ValueError(f"localization.background.max_ratio must be > 1 (a multiple of the median), got {self.max_ratio}")
 
 
+def unrelated_prompts(path: str | None) -> dict[str, list[str]]:
+    """``{lang: [prompt, ...]}`` from a JSON file, or the packaged anchor prompts where ``path`` is None
+    (also the KL anchors of :class:`~mke_lightning.editor.KnowledgeEditor`)."""
+    if path:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    return json.loads(resources.files("mke_lightning.data").joinpath("anchor_prompts.json").read_text(encoding="utf-8"))
+
+
 def background_prompts(cfg: BackgroundConfig) -> list[str]:
-    if cfg.prompts:
-        source = Path(cfg.prompts)
-        data = json.loads(source.read_text(encoding="utf-8"))
-    else:
-        source = "the packaged anchor prompts"
-        data = json.loads(resources.files("mke_lightning.data").joinpath("anchor_prompts.json").read_text(encoding="utf-8"))
+    data = unrelated_prompts(cfg.prompts)
+    source = Path(cfg.prompts) if cfg.prompts else "the packaged anchor prompts"
     langs = cfg.languages or list(data)
     missing = [l for l in langs if l not in data]
     if missing:

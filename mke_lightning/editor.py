@@ -43,13 +43,13 @@ import time
 import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from importlib import resources
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
+from mke_lightning.background import unrelated_prompts
 from mke_lightning.masked_lora import LoRAConfig, apply_delta, attach, whole_layers
 from mke_lightning.neuron_delta import NeuronDelta, OnTop, Restore
 from mke_lightning.model_loading import ModelConfig, load_causal_lm
@@ -335,10 +335,7 @@ class KnowledgeEditor(L.LightningModule):
 
     # -- anchors for the KL locality term -------------------------------------
     def _anchors(self) -> list[str]:
-        if self.loss_config.anchors:
-            data = json.loads(Path(self.loss_config.anchors).read_text(encoding="utf-8"))
-        else:
-            data = json.loads(resources.files("mke_lightning.data").joinpath("anchor_prompts.json").read_text(encoding="utf-8"))
+        data = unrelated_prompts(self.loss_config.anchors)
         langs = self.loss_config.anchor_languages or [self.edit_language]
         return [p for lang in langs for p in data.get(lang, [])]
 
