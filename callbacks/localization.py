@@ -80,7 +80,8 @@ class NeuronLocalization(L.Callback):
         rank, world = rank_and_world()
         rank_zero_info(
             f"localising {len(records)} edits on {world} rank(s): {a.method} (ig_path={a.ig_path}, steps={a.steps}, "
-            f"baseline={a.baseline}), threshold {self.settings.threshold} x max, top_k {self.settings.top_k}"
+            f"baseline={a.baseline}){' / usual activity' if self.settings.relative_to_background else ''}, "
+            f"threshold {self.settings.threshold} x max, top_k {self.settings.top_k}"
             + (f"; cache {cache.folder}" if cache else "")
         )
         was_training = model.training

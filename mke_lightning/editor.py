@@ -48,6 +48,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 
 from mke_lightning.background import unrelated_prompts
 from mke_lightning.masked_lora import LoRAConfig, apply_delta, attach, whole_layers
@@ -554,6 +555,11 @@ class KnowledgeEditor(L.LightningModule):
             {"edit/steps": float(first.steps), "edit/p_new": min(o.p_new for o in outcomes), "edit/neurons": float(sum(o.neurons for o in outcomes)),
              "edit/seconds": first.seconds, "edit/failed": float(first.failed is not None)},
             batch_size=len(batch), on_step=True, prog_bar=False,
+        )
+        failed = f", rolled back: {first.failed}" if first.failed else ""
+        rank_zero_info(
+            f"edit {len(self.resumed) + len(self.outcomes)} ({', '.join(o.record_id for o in outcomes)}): {first.steps} steps, "
+            f"P(new) {min(o.p_new for o in outcomes):.3f}, {sum(o.neurons for o in outcomes)} neurons, {first.seconds:.1f} s{failed}"
         )
         return None
 

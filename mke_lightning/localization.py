@@ -17,8 +17,11 @@ MEMLA authors); *language-specific* ones are the edit language's set minus
 those. ``max_per_layer`` then caps each layer of each category (highest summed
 scores kept). The per-language sets travel with the mask for inspection.
 
-With ``background`` set, neurons busy on unrelated text are then dropped
-from every mask (:mod:`mke_lightning.background`).
+With ``relative_to_background``, each neuron's score is first divided by its
+mean |activation| on unrelated prompts (floored at its layer's median), so a
+neuron that fires on any text no longer outranks one that fires for this
+fact. With ``background`` set, neurons busy on unrelated text are dropped from
+every mask after selection (:mod:`mke_lightning.background`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 
 from mke_lightning.architectures import ArchSpec
 from mke_lightning.attribution import AttributionConfig, attribute_rows
-from mke_lightning.background import BackgroundConfig
+from mke_lightning.background import BackgroundConfig, usual_activity
 from mke_lightning.neurons import NeuronMask
 from mke_lightning.records import EditRecord, RecordError, join_prompt
 from mke_lightning.scoring import encode_continuation, encode_prompt, greedy_generate
@@ -66,6 +69,10 @@ class LocalizationConfig:
     background: BackgroundConfig | None = None
     """Drop neurons busy on unrelated text from every mask (null: keep them, as the authors);
     applied after the mask cache (:mod:`mke_lightning.background`)."""
+    relative_to_background: bool = False
+    """Divide every neuron's score by its mean |activation| on unrelated prompts, floored at its
+    layer's median, before selection (the prompts of ``background`` when set, else the packaged
+    ones). Ranks neurons by how much more active they are for this fact than usual."""
 
     def __post_init__(self) -> None:
         if self.threshold is None and self.top_k is None:
@@ -196,8 +203,12 @@ def localisation_prompts(tokenizer, record: EditRecord, languages: list[str], cf
     return entries, lang_of
 
 
-def locate(model, tokenizer, arch: ArchSpec, record: EditRecord, edit_language: str, cfg: LocalizationConfig) -> NeuronMask:
-    """The neuron mask of one record: categories, plus each language's own set."""
+def locate(model, tokenizer, arch: ArchSpec, record: EditRecord, edit_language: str, cfg: LocalizationConfig,
+           usual: torch.Tensor | None = None) -> NeuronMask:
+    """The neuron mask of one record: categories, plus each language's own set.
+
+    ``usual`` ``[L, d_ff]``: each neuron's usual activity (:func:`~mke_lightning.background.usual_activity`),
+    needed with ``relative_to_background`` (computed here when not given)."""
     langs = _check_languages(record, cfg, edit_language)
     entries, lang_of = localisation_prompts(tokenizer, record, langs, cfg)
     if cfg.attribution.needs_answer:
@@ -206,6 +217,10 @@ def locate(model, tokenizer, arch: ArchSpec, record: EditRecord, edit_language: 
         answers = [None] * len(entries)
     prompts = list(zip([e[0] for e in entries], answers))
     scores = prompt_scores(model, tokenizer, arch, prompts, cfg.attribution)  # [P, L, F]
+    if cfg.relative_to_background:
+        if usual is None:
+            usual = usual_activity(model, tokenizer, arch, cfg.background or BackgroundConfig())
+        scores = scores / usual.to(scores.device)[None]
     kept = select(scores, cfg)  # [P, L, F]
 
     per_lang: dict[str, torch.Tensor] = {}

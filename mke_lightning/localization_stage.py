@@ -15,7 +15,7 @@ from typing import Callable
 import torch.distributed as dist
 
 from mke_lightning.architectures import ArchSpec
-from mke_lightning.background import drop_busy
+from mke_lightning.background import BackgroundConfig, drop_busy, usual_activity
 from mke_lightning.localization import LocalizationConfig, locate
 from mke_lightning.neuron_cache import MaskCache
 from mke_lightning.neurons import NeuronMask
@@ -92,6 +92,7 @@ def localize_records(
     known = dict(known or {})
     result = StageResult(masks={})
     mine = [r for r in records if owner[r.id] == rank]
+    usual = None  # relative_to_background: measured once, when the first record needs it
     for i, record in enumerate(mine, start=1):
         mask = known.get(record.id)
         if mask is None and cache is not None:
@@ -99,8 +100,10 @@ def localize_records(
             if mask is not None:
                 result.reused.append(record.id)
         if mask is None:
+            if cfg.relative_to_background and usual is None:
+                usual = usual_activity(model, tokenizer, arch, cfg.background or BackgroundConfig())
             start = time.perf_counter()
-            mask = locate(model, tokenizer, arch, record, edit_language, cfg)
+            mask = locate(model, tokenizer, arch, record, edit_language, cfg, usual)
             result.seconds[record.id] = time.perf_counter() - start
             result.computed.append(record.id)
             if cache is not None:

@@ -81,7 +81,9 @@ def model_fingerprint(model, tokenizer, arch: ArchSpec) -> str:
 def settings_key(cfg: LocalizationConfig, edit_language: str) -> dict[str, Any]:
     """The settings that decide which neurons are found (the cache key's part)."""
     key = asdict(cfg)
-    key.pop("background", None)  # applied to masks after the cache: cached masks are unfiltered
+    background = key.pop("background", None)  # the busy filter runs after the cache: cached masks are unfiltered
+    if cfg.relative_to_background and background is not None:  # but these prompts set the scores' divisor
+        key["relative_prompts"] = {k: background[k] for k in ("prompts", "languages")}
     for name in SPEED_ONLY:
         key["attribution"].pop(name, None)
     key["edit_language"] = edit_language

@@ -9,7 +9,7 @@ import torch
 
 import mke_lightning.localization_stage as stage
 from mke_lightning.attribution import AttributionConfig
-from mke_lightning.background import BackgroundConfig, background_prompts, busy_neurons, neuron_activity, without
+from mke_lightning.background import BackgroundConfig, background_prompts, busy_neurons, neuron_activity, usual_activity, without
 from mke_lightning.localization import LocalizationConfig, locate
 from mke_lightning.localization_stage import localize_records
 from mke_lightning.model_loading import ModelConfig, load_causal_lm
@@ -85,3 +85,30 @@ def test_a_neuron_made_busy_is_found_and_dropped_after_the_cache(tmp_path, tiny_
         assert BUSY_NEURON not in m.union().get(BUSY_LAYER, [])
         assert m.layers == without(before[rid], {BUSY_LAYER: {BUSY_NEURON}}).layers
         assert m.metadata["background_dropped"] == before[rid].count() - m.count()
+
+
+def test_relative_scores_rank_a_busy_neuron_down_and_have_their_own_cache_key(tmp_path, tiny_llama_dir):
+    model, tok, arch = load_causal_lm(ModelConfig(name_or_path=str(tiny_llama_dir)))
+    with torch.no_grad():
+        model.model.layers[BUSY_LAYER].mlp.up_proj.weight[BUSY_NEURON] *= 50
+    record = record_from_dict(toy_record("r0"))
+    words = tmp_path / "unrelated.json"
+    words.write_text(json.dumps({"en": ["the city of the tower is", "the river is in the city"]}), encoding="utf-8")
+    raw = LocalizationConfig(attribution=AttributionConfig(method="activation"), threshold=None, top_k=5,
+                             cross_languages=["en", "fr"], templates=["{prompt} ."])
+    relative = LocalizationConfig(**{**raw.__dict__, "relative_to_background": True,
+                                     "background": BackgroundConfig(prompts=str(words))})
+
+    usual = usual_activity(model, tok, arch, relative.background)  # [L, F]
+    activity = torch.stack(neuron_activity(model, tok, arch, background_prompts(relative.background)))
+    assert usual.shape == (2, 64)
+    assert torch.equal(usual, torch.maximum(activity, activity.median(dim=1, keepdim=True).values))
+
+    assert BUSY_NEURON in locate(model, tok, arch, record, "en", raw).union().get(BUSY_LAYER, [])
+    ranked = locate(model, tok, arch, record, "en", relative, usual)
+    assert BUSY_NEURON not in ranked.union().get(BUSY_LAYER, [])
+    assert ranked.same_neurons(locate(model, tok, arch, record, "en", relative))  # measured here when not given
+
+    assert settings_key(raw, "en") != settings_key(relative, "en")  # the masks differ: so do the cache entries
+    other = LocalizationConfig(**{**relative.__dict__, "background": BackgroundConfig(prompts=None)})
+    assert settings_key(relative, "en") != settings_key(other, "en")  # the divisor's prompts are part of the key

@@ -65,3 +65,28 @@ def test_real_model_busy_neurons_are_few_and_editing_one_moves_unrelated_text(re
             moved[neuron] = float((base.exp() * (base - post)).sum(-1).mean())  # KL(before || after) per token
     assert loud in busy[layer] and quiet not in busy.get(layer, ())
     assert moved[loud] > 10 * moved[quiet], moved
+
+
+def test_real_model_lafn_neurons_by_raw_activation_are_busy_and_relative_ones_are_not(real_model, mzsre_dir):
+    """LAFN's reading on MzsRE record 0, 12 languages: the neurons active in every language by raw
+    magnitude are mostly busy ones; scored against their usual activity, none is."""
+    from mke_lightning.background import BackgroundConfig, busy_neurons, neuron_activity, background_prompts
+    from mke_lightning.data import read_mzsre
+    from mke_lightning.localization import locate
+
+    model, tok, arch = real_model
+    langs = ["en", "cs", "de", "nl", "es", "fr", "pt", "ru", "th", "tr", "vi", "zh"]
+    record = read_mzsre(mzsre_dir, langs)[0]
+    busy = busy_neurons(neuron_activity(model, tok, arch, background_prompts(BackgroundConfig())), 10.0)
+    raw = LocalizationConfig(attribution=AttributionConfig(method="activation"), threshold=None, top_k=200,
+                             cross_languages=langs, templates=["Q: {prompt} A:"])
+    relative = LocalizationConfig(**{**raw.__dict__, "top_k": 500, "relative_to_background": True})
+
+    def split(cfg):
+        neurons = [(l, i) for l, idx in locate(model, tok, arch, record, "en", cfg).category("independent").items() for i in idx]
+        return len(neurons), sum(i in busy.get(l, ()) for l, i in neurons)
+
+    n_raw, busy_raw = split(raw)
+    n_rel, busy_rel = split(relative)
+    assert n_raw > 0 and busy_raw > n_raw / 2, (n_raw, busy_raw)
+    assert n_rel > 0 and busy_rel == 0, (n_rel, busy_rel)
