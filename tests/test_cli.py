@@ -50,10 +50,15 @@ def _toy_args(tmp_path: Path, model_dir: Path, subcommand: str = "fit") -> list[
     ]
 
 
-def test_fit_runs_in_process_and_writes_reports(tmp_path, tiny_llama_dir, capsys):
+def test_fit_runs_in_process_and_writes_reports(tmp_path, tiny_llama_dir, capsys, caplog):
+    caplog.set_level("INFO")
     cli = cli_main(_toy_args(tmp_path, tiny_llama_dir))
     out = capsys.readouterr().out
     assert "edited model, edit language en, 2 edits" in out
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("edit ")]
+    ids = [o.record_id for o in cli.model.outcomes]
+    assert [m.split(":")[0] for m in progress] == [f"edit {i} ({rid})" for i, rid in enumerate(ids, start=1)]
+    assert all(" steps, P(new) " in m and " neurons, " in m for m in progress)
     results = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
     assert results["model_state"] == "edited"
     assert set(results["results"]["language"]) == {"en", "fr", "de"}
