@@ -31,7 +31,7 @@ from mke_lightning.editor import EditLossConfig, KnowledgeEditor
 from mke_lightning.localization import LocalizationConfig, locate
 from mke_lightning.masked_lora import LoRAConfig
 from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.scoring import kept_logits, pack, target_logprobs
+from mke_lightning.scoring import pack, picked_logprobs, target_logits
 from mke_lightning.value_update import ValueUpdateConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def bare_passes(ed: KnowledgeEditor, record, layers: list[int], steps: int) -> f
     try:
         start = time.perf_counter()
         for _ in range(steps):
-            lp = target_logprobs(kept_logits(model, batch), batch)  # [B, K]
+            lp = picked_logprobs(target_logits(model, batch), batch)  # [B, K], the head on target positions only, as the editor
             loss = sum(cfg.new_weight * (-lp[i].sum() / len(targets[i])) + (cfg.true_weight * lp[j].sum().exp() if j is not None else 0)
                        for _, i, j in units) / len(units)
             z.grad = None

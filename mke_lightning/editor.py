@@ -56,7 +56,7 @@ from mke_lightning.neuron_delta import NeuronDelta, OnTop, Restore
 from mke_lightning.model_loading import ModelConfig, load_causal_lm
 from mke_lightning.neurons import CATEGORIES, NeuronMask
 from mke_lightning.records import EditRecord, join_prompt
-from mke_lightning.scoring import encode_continuation, encode_prompt, kept_logits, pack, target_logprobs
+from mke_lightning.scoring import encode_continuation, encode_prompt, kept_logits, pack, picked_logprobs, target_logits
 from mke_lightning.value_update import ValueUpdateConfig, attach_values
 
 log = logging.getLogger(__name__)
@@ -453,9 +453,9 @@ class KnowledgeEditor(L.LightningModule):
         opt = self.optimizer_factory(params)
         steps, loss_v, p_new = 0, float("nan"), [0.0] * len(records)
         for steps in range(1, cfg.max_steps + 1):
-            logits = kept_logits(self.causal_lm, batch)  # [B, K, V]
+            logits = target_logits(self.causal_lm, batch)  # [M, V]: the target positions, row by row
             if prompts or anchors:
-                lp = target_logprobs(logits, batch)  # [B, K]
+                lp = picked_logprobs(logits, batch)  # [B, K]
                 loss = lp.new_zeros(())
                 for _, i, j in units:
                     loss = loss + cfg.new_weight * (-lp[i].sum() / len(targets[i]))
@@ -463,7 +463,7 @@ class KnowledgeEditor(L.LightningModule):
                         loss = loss + cfg.true_weight * lp[j].sum().exp()
                 loss = loss / n_units
                 if anchors:
-                    post = torch.log_softmax(logits[n_rows:, -1].float(), -1)  # [A, V]
+                    post = torch.log_softmax(logits[-len(anchors):].float(), -1)  # [A, V]: one target per anchor row, last
                     kl = (self._anchor_logp.exp() * (self._anchor_logp - post)).sum(-1).mean()
                     loss = loss + cfg.kl_weight * kl
                 part = float(loss.detach())

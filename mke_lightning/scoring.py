@@ -93,6 +93,51 @@ def kept_logits(model, batch: PackedBatch) -> torch.Tensor:
     return out.logits[:, -batch.keep:, :]
 
 
+def target_logits(model, batch: PackedBatch) -> torch.Tensor:
+    """Logits at the target positions only: ``[M, V]``, ``M = batch.target_mask.sum()``, row by row.
+
+    A forward pre-hook on the model's output embeddings hands the LM head just
+    those ``M`` hidden states instead of all ``B x K``: where targets differ in
+    length (12 languages and 1-token KL anchors in one batch) that is about half
+    the head's work. Whatever the model does to the head's output elementwise
+    (e.g. soft-capping) still applies. Where the head is not reached with
+    ``[B, K, d]`` hidden states, the full ``[B, K, V]`` logits are sliced instead.
+    """
+    sel = batch.target_mask  # [B, K]
+    head = model.get_output_embeddings()
+    gathered = []
+
+    def gather(module, args):
+        hidden = args[0]  # [B, K, d]
+        if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(sel.shape):
+            return None
+        gathered.append(True)
+        return (hidden[sel].unsqueeze(0), *args[1:])  # [1, M, d]
+
+    handle = head.register_forward_pre_hook(gather) if head is not None else None
+    try:
+        logits = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            logits_to_keep=batch.keep,
+            use_cache=False,
+        ).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    if gathered:
+        return logits[0]  # [M, V]
+    return logits[:, -batch.keep:, :][sel]
+
+
+def picked_logprobs(logits: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """Log-probability of each target token from :func:`target_logits`' ``[M, V]``, 0 where there is none: ``[B, K]``."""
+    sel = batch.target_mask
+    lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, batch.targets[sel].unsqueeze(-1)).squeeze(-1)  # [M]
+    return lp.new_zeros(sel.shape).masked_scatter(sel, lp)
+
+
 def target_logprobs(logits: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     """Log-probability of each target token, 0 where there is none: ``[B, K]``."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # [B, K, V]

@@ -16,7 +16,9 @@ from mke_lightning.metrics import (
 )
 from mke_lightning.records import record_from_dict
 from mke_lightning.report import format_table, write_reports
-from mke_lightning.scoring import kept_logits, pack, target_logprobs, teacher_forced, token_accuracy
+from mke_lightning.scoring import (
+    kept_logits, pack, picked_logprobs, target_logits, target_logprobs, teacher_forced, token_accuracy,
+)
 
 from conftest import toy_record
 
@@ -258,3 +260,31 @@ def test_table_and_files(tmp_path):
         read = list(csv.DictReader(f))
     assert len(read) == len(ROWS) and read[1]["prob"] == "" and read[0]["f1_legacy"] == "1.0"
     assert paths["perplexity"].read_text().splitlines()[1] == "a,en,10.0,12.5,1.25"
+
+
+def test_target_logits_send_only_target_positions_through_the_head(tiny, monkeypatch):
+    model, tok = tiny
+    rows = [[5, 6, 7, 8, 9], [5, 6], [10, 11, 12]]
+    targets = [[13, 14, 15], [16], [17, 18]]  # lengths differ: K = 3, 6 target positions of 9
+    b = pack(rows, targets, tok.pad_token_id)
+    head = model.get_output_embeddings()
+    seen = []
+    handle = head.register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape)))
+    leaf = torch.zeros(model.config.hidden_size, requires_grad=True)  # a gradient path through every position
+    embed = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out + leaf)
+    try:
+        picked = target_logits(model, b)  # [M, V]
+        dense = kept_logits(model, b)  # [B, K, V]
+    finally:
+        handle.remove()
+        embed.remove()
+    assert seen == [(1, 6, model.config.vocab_size), (3, 3, model.config.vocab_size)]
+    assert torch.allclose(picked, dense[b.target_mask], atol=1e-5)
+    lp, ref = picked_logprobs(picked, b), target_logprobs(dense, b)  # [B, K]
+    assert torch.allclose(lp, ref, atol=1e-5) and bool((lp[~b.target_mask] == 0).all())
+    (g1,) = torch.autograd.grad(lp.sum(), leaf)
+    (g2,) = torch.autograd.grad(ref.sum(), leaf)
+    assert torch.allclose(g1, g2, atol=1e-5) and g1.abs().sum() > 0
+
+    monkeypatch.setattr(model, "get_output_embeddings", lambda: None)  # no head to hook: the full logits are sliced
+    assert torch.allclose(target_logits(model, b), dense[b.target_mask].detach(), atol=1e-5)
