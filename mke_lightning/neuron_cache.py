@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 SPEED_ONLY = ("memory_budget_mb", "batch_rows", "prefix_cache")
 """Attribution settings that change speed and memory, not the scores."""
 
+ADDED_LATER = {"relative_to_background": False}
+"""Localisation settings added after the cache format, with the default that leaves the key as it was."""
+
 _SAMPLE = 4096  # values per tensor in the fingerprint's strided sample
 _PROBE_TEXT = "The capital of France is Paris. 東京 Москва ø"
 
@@ -86,6 +89,9 @@ def settings_key(cfg: LocalizationConfig, edit_language: str) -> dict[str, Any]:
         key["relative_prompts"] = {k: background[k] for k in ("prompts", "languages")}
     for name in SPEED_ONLY:
         key["attribution"].pop(name, None)
+    for name, default in ADDED_LATER.items():
+        if key.get(name) == default:  # at its default it changes nothing: masks cached before it existed stay valid
+            key.pop(name)
     key["edit_language"] = edit_language
     return key
 

@@ -294,3 +294,18 @@ def test_unreadable_mask_file_is_a_clear_error(tmp_path):
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="without neuron-mask metadata"):
         NeuronMask.load(tmp_path / "other.safetensors")
+
+
+def test_the_cache_key_of_existing_settings_does_not_move_when_settings_are_added():
+    """MzsRE MEMLA's settings (configs/mzsre/memla.yaml) keep the digest their masks were cached under
+    before ``background`` and ``relative_to_background`` existed; a setting at a new value does move it."""
+    from dataclasses import replace
+
+    from mke_lightning.neuron_cache import _digest, settings_key
+
+    memla = LocalizationConfig(
+        attribution=AttributionConfig(method="integrated_gradients", ig_path="all_layers", steps=10, baseline="zero"),
+        threshold=0.3, cross_languages=["en", "zh", "fr"], language_fraction=1.0,
+    )
+    assert _digest(settings_key(memla, "en")).startswith("443790154b733476")
+    assert _digest(settings_key(replace(memla, relative_to_background=True), "en")) != _digest(settings_key(memla, "en"))
