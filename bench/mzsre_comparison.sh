@@ -54,4 +54,11 @@ for r in "${RUNS[@]}"; do
   esac
 done
 
-"$MKE" report runs/mzsre-*/version_0 --output runs/mzsre-compare
+# the comparison of every finished run (an unfinished one has no results.json yet)
+finished=()
+for f in runs/mzsre-*/version_0/results.json; do
+  [ -f "$f" ] && finished+=("$(dirname "$f")")
+done
+if [ ${#finished[@]} -gt 0 ]; then
+  "$MKE" report "${finished[@]}" --output runs/mzsre-compare
+fi

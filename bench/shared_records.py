@@ -1,6 +1,6 @@
 """Compare runs on the records they all edited (e.g. a 10-record run against the first 10 of a longer one).
 
-    python bench/shared_records.py runs/mzsre-memla/version_0 runs/mzsre-memla-busy_filter-10/version_0
+    python bench/shared_records.py runs/mzsre-memla/version_0 runs/memla-busy_filter-10/version_0
 
 From each run's ``edits.csv`` and ``perplexity.csv``, restricted to the record
 ids every run has: per measure and protocol, the mean in the edit language
