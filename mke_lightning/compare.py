@@ -30,6 +30,35 @@ def run_label(doc: dict) -> str:
     return f"{doc.get('method', 'run')} ({doc.get('model_state', '?')})"
 
 
+def _folder_names(doc: dict) -> list[str]:
+    """Ever longer names of the folder a run's results.json is in: the logger's name first where
+    the folder is ``version_<n>`` (``mzsre-memla``, ``mzsre-memla/version_0``, ``runs/mzsre-memla/version_0``)."""
+    parts = Path(doc["_path"]).parent.parts
+    first = 2 if parts and parts[-1].startswith("version_") and len(parts) > 1 else 1
+    names = [parts[-first]] if parts else []
+    return names + ["/".join(parts[-k:]) for k in range(first, len(parts) + 1)]
+
+
+def distinct_labels(docs: list[dict]) -> list[str]:
+    """:func:`run_label` of each run; runs that share one get the shortest folder name that tells them apart."""
+    names = [run_label(d) for d in docs]
+    out = list(names)
+    for name in set(names):
+        idx = [i for i, n in enumerate(names) if n == name]
+        if len(idx) < 2:
+            continue
+        options = [_folder_names(docs[i]) for i in idx]
+        for k in range(max(len(o) for o in options)):
+            where = [o[min(k, len(o) - 1)] if o else str(n) for n, o in enumerate(options)]
+            if len(set(where)) == len(idx):
+                break
+        else:
+            where = [str(n + 1) for n in range(len(idx))]  # the same folder given twice
+        for i, w in zip(idx, where):
+            out[i] = f"{name} {w}"
+    return out
+
+
 def _data_text(data: dict | None) -> str:
     """``<format> <file or folder name> [offset/limit/ids/seed], <n> records`` of a run's ``data`` block."""
     if not data:
@@ -129,11 +158,7 @@ def compare_runs(run_dirs: list[str], output: str | Path, labels: list[str] | No
     docs = [read_results(d) for d in run_dirs]
     if labels and len(labels) != len(docs):
         raise ValueError(f"--labels gives {len(labels)} names for {len(docs)} runs")
-    names = list(labels) if labels else [run_label(d) for d in docs]
-    if not labels:  # the same method twice: tell the runs apart by their folder
-        for i, name in enumerate(names):
-            if names.count(name) > 1:
-                names[i] = f"{name} {Path(docs[i]['_path']).parent.name}"
+    names = list(labels) if labels else distinct_labels(docs)
     runs = list(zip(names, docs))
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)

@@ -288,3 +288,20 @@ def test_target_logits_send_only_target_positions_through_the_head(tiny, monkeyp
 
     monkeypatch.setattr(model, "get_output_embeddings", lambda: None)  # no head to hook: the full logits are sliced
     assert torch.allclose(target_logits(model, b), dense[b.target_mask].detach(), atol=1e-5)
+
+
+def test_runs_of_one_method_are_told_apart_by_their_shortest_distinct_folder():
+    from mke_lightning.compare import distinct_labels
+
+    def run(method, path):
+        return {"method": method, "model_state": "edited", "_path": path}
+
+    assert distinct_labels([
+        run("memla", "runs/mzsre-memla/version_0/results.json"),
+        run("memla", "runs/mzsre-memla-busy_filter/version_0/results.json"),
+        run("lora", "runs/mzsre-lora/version_0/results.json"),
+    ]) == ["memla (edited) mzsre-memla", "memla (edited) mzsre-memla-busy_filter", "lora (edited)"]
+    assert distinct_labels([run("memla", "runs/a/version_0/results.json"), run("memla", "runs/a/version_1/results.json")]) == [
+        "memla (edited) a/version_0", "memla (edited) a/version_1"]
+    assert distinct_labels([run("memla", "x/b/results.json"), run("memla", "y/b/results.json")]) == [
+        "memla (edited) x/b", "memla (edited) y/b"]
