@@ -81,16 +81,20 @@ def pack(prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], pad
     return PackedBatch(ids, mask, pos, tgt, tmask)
 
 
-def kept_logits(model, batch: PackedBatch) -> torch.Tensor:
-    """Logits of the last ``batch.keep`` positions: ``[B, K, V]``."""
-    out = model(
+def _head_output(model, batch: PackedBatch) -> torch.Tensor:
+    """The model's logits with the head on the last ``batch.keep`` positions, as returned."""
+    return model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
         logits_to_keep=batch.keep,
         use_cache=False,
-    )
-    return out.logits[:, -batch.keep:, :]
+    ).logits
+
+
+def kept_logits(model, batch: PackedBatch) -> torch.Tensor:
+    """Logits of the last ``batch.keep`` positions: ``[B, K, V]``."""
+    return _head_output(model, batch)[:, -batch.keep:, :]
 
 
 def target_logits(model, batch: PackedBatch) -> torch.Tensor:
@@ -116,19 +120,11 @@ def target_logits(model, batch: PackedBatch) -> torch.Tensor:
 
     handle = head.register_forward_pre_hook(gather) if head is not None else None
     try:
-        logits = model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            logits_to_keep=batch.keep,
-            use_cache=False,
-        ).logits
+        logits = _head_output(model, batch)  # [1, M, V] where the hook gathered, else [B, >=K, V]
     finally:
         if handle is not None:
             handle.remove()
-    if gathered:
-        return logits[0]  # [M, V]
-    return logits[:, -batch.keep:, :][sel]
+    return logits[0] if gathered else logits[:, -batch.keep:, :][sel]  # [M, V]
 
 
 def picked_logprobs(logits: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
