@@ -97,12 +97,13 @@ def neuron_activity(model, tokenizer, arch: ArchSpec, prompts: list[str]) -> lis
     return [t.cpu() / count for t in totals]
 
 
-def usual_activity(model, tokenizer, arch: ArchSpec, cfg: BackgroundConfig) -> torch.Tensor:
-    """Each neuron's mean |activation| on ``cfg``'s prompts, floored at its layer's median: ``[L, d_ff]``.
+def usual_activity(model, tokenizer, arch: ArchSpec, cfg: BackgroundConfig | None) -> torch.Tensor:
+    """Each neuron's mean |activation| on ``cfg``'s prompts (None: the packaged ones), floored at its
+    layer's median: ``[L, d_ff]``.
 
     The divisor of ``localization.relative_to_background``: the floor keeps a
     neuron that is nearly silent on unrelated text from scoring without bound."""
-    activity = torch.stack(neuron_activity(model, tokenizer, arch, background_prompts(cfg)))  # [L, F]
+    activity = torch.stack(neuron_activity(model, tokenizer, arch, background_prompts(cfg or BackgroundConfig())))  # [L, F]
     return activity.clamp(min=activity.median(dim=1, keepdim=True).values)
 
 

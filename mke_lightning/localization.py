@@ -219,7 +219,7 @@ def locate(model, tokenizer, arch: ArchSpec, record: EditRecord, edit_language: 
     scores = prompt_scores(model, tokenizer, arch, prompts, cfg.attribution)  # [P, L, F]
     if cfg.relative_to_background:
         if usual is None:
-            usual = usual_activity(model, tokenizer, arch, cfg.background or BackgroundConfig())
+            usual = usual_activity(model, tokenizer, arch, cfg.background)
         scores = scores / usual.to(scores.device)[None]
     kept = select(scores, cfg)  # [P, L, F]
 

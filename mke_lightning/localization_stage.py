@@ -15,7 +15,7 @@ from typing import Callable
 import torch.distributed as dist
 
 from mke_lightning.architectures import ArchSpec
-from mke_lightning.background import BackgroundConfig, drop_busy, usual_activity
+from mke_lightning.background import drop_busy, usual_activity
 from mke_lightning.localization import LocalizationConfig, locate
 from mke_lightning.neuron_cache import MaskCache
 from mke_lightning.neurons import NeuronMask
@@ -101,7 +101,7 @@ def localize_records(
                 result.reused.append(record.id)
         if mask is None:
             if cfg.relative_to_background and usual is None:
-                usual = usual_activity(model, tokenizer, arch, cfg.background or BackgroundConfig())
+                usual = usual_activity(model, tokenizer, arch, cfg.background)
             start = time.perf_counter()
             mask = locate(model, tokenizer, arch, record, edit_language, cfg, usual)
             result.seconds[record.id] = time.perf_counter() - start
