@@ -56,7 +56,7 @@ from mke_lightning.neuron_delta import NeuronDelta, OnTop, Restore
 from mke_lightning.model_loading import ModelConfig, load_causal_lm
 from mke_lightning.neurons import CATEGORIES, NeuronMask
 from mke_lightning.records import EditRecord, join_prompt
-from mke_lightning.scoring import encode_continuation, encode_prompt, kept_logits, pack, picked_logprobs, target_logits
+from mke_lightning.scoring import encode_continuation, encode_prompt, grouped_target_logits, kept_logits, pack, pack_groups, row_logprobs
 from mke_lightning.value_update import ValueUpdateConfig, attach_values
 
 log = logging.getLogger(__name__)
@@ -82,10 +82,16 @@ class EditLossConfig:
     """Stop when the loss falls below this."""
     stop_prob: float = 0.96
     """Stop when P(target_new | prompt) exceeds this."""
+    length_groups: int = 3
+    """Forward passes per step at most: the step's rows (languages, anchors) grouped by length, each group
+    padded only to its own longest row; 1: one padded batch. Speed only, the loss is the same.
+    One process only (several ranks keep one pass, so that their passes stay in step)."""
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
             raise ValueError("loss.max_steps must be >= 1")
+        if self.length_groups < 1:
+            raise ValueError("loss.length_groups must be >= 1")
 
 
 PROTOCOLS = ("single", "batch", "sequential")
@@ -441,36 +447,37 @@ class KnowledgeEditor(L.LightningModule):
             return outcomes(0, float("nan"), [float("nan")] * len(records))
         params = handle.parameters()
         anchors = self._anchor_ids if ranks.rank == 0 else []  # one rank carries the KL term of the whole batch
-        n_rows = len(targets)
+        pad = self.tokenizer.pad_token_id
         if prompts or anchors:
             # Anchor rows predict one (unused) token at their last position.
-            batch = pack(prompts + anchors, targets + [[0]] * len(anchors), self.tokenizer.pad_token_id).to(self.device)
+            rows, row_targets = prompts + anchors, targets + [[0]] * len(anchors)
         else:
             # Padding (no record here this step): a one-token row, so that this rank's forward and
             # backward meet the others' where the weights are partitioned (ZeRO-3 gathers them in both).
-            pad = self.tokenizer.pad_token_id
-            batch = pack([[pad]], [[pad]], pad).to(self.device)
+            rows, row_targets = [[pad]], [[pad]]
+        groups = cfg.length_groups if self._trainer is None or self.trainer.world_size == 1 else 1
+        batch = pack_groups(rows, row_targets, pad, groups).to(self.device)
         opt = self.optimizer_factory(params)
         steps, loss_v, p_new = 0, float("nan"), [0.0] * len(records)
         for steps in range(1, cfg.max_steps + 1):
-            logits = target_logits(self.causal_lm, batch)  # [M, V]: the target positions, row by row
+            logits = grouped_target_logits(self.causal_lm, batch)  # per row: [len(target), V] at its target positions
             if prompts or anchors:
-                lp = picked_logprobs(logits, batch)  # [B, K]
-                loss = lp.new_zeros(())
+                lp = row_logprobs(logits[: len(targets)], targets) if targets else []  # per record row: [len(target)]
+                loss = logits[0].new_zeros((), dtype=torch.float32)
                 for _, i, j in units:
                     loss = loss + cfg.new_weight * (-lp[i].sum() / len(targets[i]))
                     if j is not None:
                         loss = loss + cfg.true_weight * lp[j].sum().exp()
                 loss = loss / n_units
                 if anchors:
-                    post = torch.log_softmax(logits[-len(anchors):].float(), -1)  # [A, V]: one target per anchor row, last
+                    post = torch.log_softmax(torch.cat(logits[len(targets):]).float(), -1)  # [A, V]: each anchor's last position
                     kl = (self._anchor_logp.exp() * (self._anchor_logp - post)).sum(-1).mean()
                     loss = loss + cfg.kl_weight * kl
                 part = float(loss.detach())
                 p_unit = [float(lp[i].detach().sum().exp()) for _, i, _ in units]
             else:
                 # zero, with a graph over every parameter of the update: its gradients are zeros
-                loss = (logits.float().sum() + sum(p.sum() for p in params)) * 0
+                loss = (logits[0].float().sum() + sum(p.sum() for p in params)) * 0
                 part, p_unit = 0.0, []
             p_new = [min((p for (k, _, _), p in zip(units, p_unit) if k == r), default=float("nan")) for r in range(len(records))]
             below = sum(1 for p in p_new if not p > cfg.stop_prob)

@@ -17,7 +17,8 @@ from mke_lightning.metrics import (
 from mke_lightning.records import record_from_dict
 from mke_lightning.report import format_table, write_reports
 from mke_lightning.scoring import (
-    kept_logits, pack, picked_logprobs, target_logits, target_logprobs, teacher_forced, token_accuracy,
+    grouped_target_logits, kept_logits, length_groups, pack, pack_groups, picked_logprobs, row_logprobs, target_logits,
+    target_logprobs, teacher_forced, token_accuracy,
 )
 
 from conftest import toy_record
@@ -288,6 +289,67 @@ def test_target_logits_send_only_target_positions_through_the_head(tiny, monkeyp
 
     monkeypatch.setattr(model, "get_output_embeddings", lambda: None)  # no head to hook: the full logits are sliced
     assert torch.allclose(target_logits(model, b), dense[b.target_mask].detach(), atol=1e-5)
+
+
+def _padded(lengths, groups) -> int:
+    return sum(len(g) * max(lengths[i] for i in g) for g in groups)
+
+
+def _best_split(lengths, most: int, cost: int) -> int:
+    """The cheapest split into at most ``most`` contiguous runs of the rows sorted longest first, by trying all."""
+    import itertools
+
+    ordered = sorted(lengths, reverse=True)
+    best = None
+    for k in range(1, min(most, len(ordered)) + 1):
+        for cuts in itertools.combinations(range(1, len(ordered)), k - 1):
+            bounds = (0, *cuts, len(ordered))
+            total = sum((b - a) * ordered[a] + cost for a, b in zip(bounds, bounds[1:]))
+            best = total if best is None else min(best, total)
+    return best
+
+
+def test_length_groups_keep_every_row_once_and_find_the_cheapest_split():
+    lengths = [25, 24, 8, 7, 6, 5, 24, 9, 13, 12]
+    groups = length_groups(lengths, 3, pass_cost=10)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert all(g == sorted(g) for g in groups) and len(groups) <= 3
+    assert _padded(lengths, groups) < len(lengths) * max(lengths)  # fewer pad positions than one batch
+    assert _padded(lengths, groups) + 10 * len(groups) == _best_split(lengths, 3, 10)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        ls = torch.randint(1, 30, (int(torch.randint(1, 9, (1,), generator=gen)),), generator=gen).tolist()
+        for most, cost in ((1, 0), (2, 5), (4, 20)):
+            got = length_groups(ls, most, pass_cost=cost)
+            assert _padded(ls, got) + cost * len(got) == _best_split(ls, most, cost), (ls, most, cost)
+    assert length_groups(lengths, 1) == [list(range(len(lengths)))]
+    assert length_groups([7] * 6, 4, pass_cost=1) == [list(range(6))]  # nothing to save: one pass
+    assert len(length_groups(lengths, 3, pass_cost=10_000)) == 1  # a pass costs more than any saving
+    assert length_groups([], 3) == []
+
+
+def test_grouped_rows_score_as_one_padded_batch(tiny):
+    model, tok = tiny
+    long = [5 + i % 20 for i in range(70)]  # 70 and 69 tokens against 1 to 3: worth a pass of its own
+    rows = [long, [5, 6], [10, 11, 12], long[1:], [20]]
+    targets = [[13, 14, 15], [16], [17, 18], [21, 22], [23]]
+    one = pack(rows, targets, tok.pad_token_id)
+    grouped = pack_groups(rows, targets, tok.pad_token_id, max_groups=3)
+    assert len(grouped.batches) > 1
+    leaf = torch.zeros(model.config.hidden_size, requires_grad=True)
+    embed = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out + leaf)
+    try:
+        ref = picked_logprobs(target_logits(model, one), one)  # [B, K]
+        per_row = grouped_target_logits(model, grouped)
+        lp = row_logprobs(per_row, targets)
+    finally:
+        embed.remove()
+    assert [tuple(x.shape) for x in per_row] == [(len(t), model.config.vocab_size) for t in targets]
+    for i, t in enumerate(targets):
+        assert torch.allclose(lp[i], ref[i, -len(t):], atol=1e-5)
+    (g1,) = torch.autograd.grad(sum(x.sum() for x in lp), leaf)
+    (g2,) = torch.autograd.grad(ref.sum(), leaf)
+    assert torch.allclose(g1, g2, atol=1e-5) and g1.abs().sum() > 0
 
 
 def test_runs_of_one_method_are_told_apart_by_their_shortest_distinct_folder():

@@ -112,6 +112,21 @@ def test_training_languages_each_add_a_unit_with_their_own_target(tiny_llama_dir
     assert len(prompts) == 4
 
 
+def test_rows_grouped_by_length_train_the_same_edit(tiny_llama_dir, record):
+    langs = ["en", "fr", "de"]
+    mask = NeuronMask("toy-1", {"independent": {0: list(range(0, 64, 4)), 1: list(range(1, 64, 4))}})
+    deltas, steps = [], []
+    for groups in (1, 3):
+        loss = EditLossConfig(max_steps=12, kl_weight=0.5, anchor_languages=["en", "de", "zh"], length_groups=groups)
+        ed = _editor(tiny_llama_dir, method="lafn", train_languages=langs, loss=loss)
+        before = {k: v.clone() for k, v in ed.causal_lm.state_dict().items()}
+        steps.append(ed.edit(record, mask).steps)
+        deltas.append(out_projection_changes(ed, before))
+    assert steps[0] == steps[1] and deltas[0].keys() == deltas[1].keys() and deltas[0]
+    for layer, d in deltas[0].items():
+        assert torch.allclose(d, deltas[1][layer], atol=1e-5), (layer, (d - deltas[1][layer]).abs().max())
+
+
 def test_value_updates_work_on_top_of_unwritable_weights(tiny_llama_dir, record):
     ed = _editor(tiny_llama_dir, method="lafn", lora=LoRAConfig(apply="on_top"))
     before = {k: v.clone() for k, v in ed.causal_lm.state_dict().items()}
