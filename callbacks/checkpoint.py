@@ -31,14 +31,22 @@ class EditCheckpoint(ModelCheckpoint):
             raise ValueError("every_n_edits must be >= 1")
         self.every_n_edits = every_n_edits
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
+    def _resolve_dirpath(self, trainer) -> None:
         if self.dirpath is None:
             logger = trainer.logger
             if logger is not None and getattr(logger, "save_dir", None) and getattr(logger, "name", None):
                 self.dirpath = str(Path(logger.save_dir) / logger.name / "checkpoints")
             else:
                 self.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._resolve_dirpath(trainer)
         super().setup(trainer, pl_module, stage)
+
+    def _find_last_checkpoints(self, trainer) -> set[str]:
+        # ``ckpt_path="last"`` is resolved before ``setup``: look in this run's folder, not the logger's version folder
+        self._resolve_dirpath(trainer)
+        return super()._find_last_checkpoints(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if (batch_idx + 1) % self.every_n_edits == 0:

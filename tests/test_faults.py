@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -115,6 +116,8 @@ def test_a_killed_run_resumes_and_applies_every_edit_exactly_once(protocol, tmp_
     resumed_args = ["fit"] + [a if a != str(tmp_path / "toy.yaml") else str(tmp_path / "resumable.yaml") for a in args[1:]]
     resumed = _run_mke(resumed_args + ["--ckpt_path", "last"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    trained = re.findall(r"edit (\d+) \((r\d)\)", resumed.stdout + resumed.stderr)
+    assert trained == [("3", "r2"), ("4", "r3"), ("5", "r4"), ("6", "r5")]  # it went on after the checkpoint, not from r0
     logs = list((tmp_path / "runs").rglob("edit_log.jsonl"))
     assert len(logs) == 1
     ids = [json.loads(l)["record_id"] for l in logs[0].read_text().splitlines()]
