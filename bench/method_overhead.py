@@ -7,7 +7,7 @@ the same batches.
 For every method and edit: the editor's whole optimisation (attach the
 update, its loop, projection after each step, turn it into a delta, apply
 it; localisation not included) is timed, then the same number of passes is
-repeated with nothing of ours: the model's forward on the same packed batch,
+repeated with nothing of ours: the model's forward on the same packed batches,
 the same target log-probabilities, and a backward into a zero vector added
 at the edited layers' outputs (so the backward reaches exactly as deep).
 The ratio of the two is the optimisation's overhead (target <= 1.25).
@@ -31,7 +31,7 @@ from mke_lightning.editor import EditLossConfig, KnowledgeEditor
 from mke_lightning.localization import LocalizationConfig, locate
 from mke_lightning.masked_lora import LoRAConfig
 from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.scoring import pack, picked_logprobs, target_logits
+from mke_lightning.scoring import grouped_target_logits, pack_groups, row_logprobs
 from mke_lightning.value_update import ValueUpdateConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,14 +49,14 @@ def bare_passes(ed: KnowledgeEditor, record, layers: list[int], steps: int) -> f
     """Seconds for ``steps`` forward+backward passes on the edit's batch, with nothing of the editor's in the loop."""
     model, cfg = ed.causal_lm, ed.loss_config
     prompts, targets, units = ed._rows([record])
-    batch = pack(prompts, targets, ed.tokenizer.pad_token_id)
+    batch = pack_groups(prompts, targets, ed.tokenizer.pad_token_id, cfg.length_groups)  # the editor's passes per step
     d_model = model.config.hidden_size
     z = torch.zeros(d_model, requires_grad=True)  # [d_model]: where the backward must reach
     hooks = [model.get_submodule(ed.arch.mlp_out_name(l)).register_forward_hook(lambda m, a, out: out + z) for l in layers]
     try:
         start = time.perf_counter()
         for _ in range(steps):
-            lp = picked_logprobs(target_logits(model, batch), batch)  # [B, K], the head on target positions only, as the editor
+            lp = row_logprobs(grouped_target_logits(model, batch), targets)  # per row: the head on target positions only, as the editor
             loss = sum(cfg.new_weight * (-lp[i].sum() / len(targets[i])) + (cfg.true_weight * lp[j].sum().exp() if j is not None else 0)
                        for _, i, j in units) / len(units)
             z.grad = None
