@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The MzsRE method comparison of docs/results.md: records 0-99, edit in English,
 # evaluate in all 12 languages, embedded model. Runs one method after another;
-# each run checkpoints every 5 edits, so running this script again resumes an
+# each run checkpoints (every 5 edits, LAFN every edit), so running this script again resumes an
 # unfinished run where it stopped (--ckpt_path last) and skips finished ones.
 #
 #   bash bench/mzsre_comparison.sh [DATA_DIR] [RUN ...]
