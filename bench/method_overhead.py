@@ -64,8 +64,7 @@ def bare_passes(ed: KnowledgeEditor, record, layers: list[int], steps: int) -> f
             loss = sum(cfg.new_weight * (-lp[i].sum() / len(targets[i])) + (cfg.true_weight * lp[j].sum().exp() if j is not None else 0)
                        for _, i, j in units) / len(units)
             if anchors:
-                post = torch.log_softmax(torch.cat(logits[len(targets):]).float(), -1)  # [A, V]
-                loss = loss + cfg.kl_weight * (ed._anchor_logp.exp() * (ed._anchor_logp - post)).sum(-1).mean()
+                loss = loss + cfg.kl_weight * ed.anchor_kl(torch.cat(logits[len(targets):]))  # [A, V] in
             z.grad = None
             loss.backward()
         return time.perf_counter() - start

@@ -354,6 +354,11 @@ class KnowledgeEditor(L.LightningModule):
         batch = pack(self._anchor_ids, [[0]] * len(self._anchor_ids), self.tokenizer.pad_token_id).to(self.device)
         self._anchor_logp = torch.log_softmax(kept_logits(self.causal_lm, batch)[:, -1].float(), -1)
 
+    def anchor_kl(self, logits: torch.Tensor) -> torch.Tensor:
+        """KL(pre-edit || now) of the next-token distribution, mean over the anchors: ``logits`` ``[A, V]`` at their last positions."""
+        post = torch.log_softmax(logits.float(), -1)  # [A, V]
+        return (self._anchor_logp.exp() * (self._anchor_logp - post)).sum(-1).mean()
+
     # -- edits ------------------------------------------------------------
     def edit(self, record: EditRecord, mask: NeuronMask) -> EditOutcome:
         """Train and apply one edit; the undo is kept for :meth:`restore`."""
@@ -470,9 +475,7 @@ class KnowledgeEditor(L.LightningModule):
                         loss = loss + cfg.true_weight * lp[j].sum().exp()
                 loss = loss / n_units
                 if anchors:
-                    post = torch.log_softmax(torch.cat(logits[len(targets):]).float(), -1)  # [A, V]: each anchor's last position
-                    kl = (self._anchor_logp.exp() * (self._anchor_logp - post)).sum(-1).mean()
-                    loss = loss + cfg.kl_weight * kl
+                    loss = loss + cfg.kl_weight * self.anchor_kl(torch.cat(logits[len(targets):]))  # each anchor's last position
                 part = float(loss.detach())
                 p_unit = [float(lp[i].detach().sum().exp()) for _, i, _ in units]
             else:
