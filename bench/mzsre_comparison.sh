@@ -55,10 +55,15 @@ for r in "${RUNS[@]}"; do
 done
 
 # the comparison of every finished run (an unfinished one has no results.json yet)
+# in the order of the runs above, each named by its RUN name
 finished=()
-for f in runs/mzsre-*/version_0/results.json; do
-  [ -f "$f" ] && finished+=("$(dirname "$f")")
+labels=()
+for r in ft_l lora memla memla-no_independent memla-no_specific memla-busy_filter lafn memla-sequential lafn-sequential; do
+  if [ -f "runs/mzsre-$r/version_0/results.json" ]; then
+    finished+=("runs/mzsre-$r/version_0")
+    labels+=("$r")
+  fi
 done
 if [ ${#finished[@]} -gt 0 ]; then
-  "$MKE" report "${finished[@]}" --output runs/mzsre-compare
+  "$MKE" report "${finished[@]}" --labels "${labels[@]}" --output runs/mzsre-compare
 fi

@@ -7,9 +7,10 @@ Reads each run's ``results.json`` and writes into ``--output``:
 * ``heatmap_<protocol>.png``: one row per run (its edit language x every
   evaluation language), one panel per measure;
 * ``comparison.md``: what each run was (method, protocol, model, data,
-  languages, metric protocols, the settings where runs differ), then the
-  same figures as a Markdown table, with the mean perplexity ratio where the
-  run measured it. Fields an older ``results.json`` lacks show as ``-``;
+  languages, metric protocols), then the settings on which the runs differ
+  (one row per setting, one column per run), then the same figures as a
+  Markdown table, with the mean perplexity ratio where the run measured it.
+  Fields an older ``results.json`` lacks show as ``-``;
 * ``languages.md``: per measure and protocol, one row per run (and, for a
   sequential run, its retention at the end) and one column per language.
 """
@@ -76,31 +77,55 @@ def _data_text(data: dict | None) -> str:
 
 
 def _flat(settings: dict | None, prefix: str = "") -> dict[str, object]:
-    """``{"loss.max_steps": 60, ...}`` of a nested settings block."""
+    """``{"loss": "set", "loss.max_steps": 60, ...}`` of a nested settings block: a block is ``set``, so that
+    a run whose block is ``None`` (e.g. ``localization.background``) differs from one that sets it."""
     out: dict[str, object] = {}
     for key, value in (settings or {}).items():
         if isinstance(value, dict):
+            out[f"{prefix}{key}"] = "set"
             out.update(_flat(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
 
 
-def runs_table(runs: list[tuple[str, dict]]) -> str:
-    """Markdown: one row per run saying what it was; ``settings`` lists only the settings on which runs differ."""
-    flat = [_flat(d.get("settings")) for _, d in runs]
+def differing_settings(flat: list[dict[str, object]]) -> list[str]:
+    """Keys whose recorded values differ between runs. A run that lacks a key did not record it
+    (an older results.json, or a block its method has no use for): that is not a difference."""
     keys = sorted({k for f in flat for k in f})
-    differ = [k for k in keys if len({repr(f.get(k, "-")) for f in flat}) > 1]
-    head = ["run", "method", "protocol", "model", "data", "edit lang", "eval langs", "train langs", "metric protocols", "settings (where runs differ)"]
+    return [k for k in keys if len({repr(f[k]) for f in flat if k in f}) > 1]
+
+
+def runs_table(runs: list[tuple[str, dict]]) -> str:
+    """Markdown: one row per run saying what it was (the settings are in :func:`settings_table`)."""
+    head = ["run", "method", "protocol", "model", "data", "edit lang", "eval langs", "train langs", "metric protocols"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (label, doc), f in zip(runs, flat):
+    for label, doc in runs:
         langs = lambda key: ", ".join(doc[key]) if doc.get(key) else "-"
         cells = [label, str(doc.get("method", "-")), str(doc.get("protocol", "-")), str(doc.get("model", "-")),
                  _data_text(doc.get("data")), str(doc.get("edit_language", "-")), langs("eval_languages"),
-                 langs("train_languages"), ", ".join(doc.get("metric_protocols") or []) or "-",
-                 "; ".join(f"{k}={f.get(k, '-')}" for k in differ) or "-"]
+                 langs("train_languages"), ", ".join(doc.get("metric_protocols") or []) or "-"]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def settings_table(runs: list[tuple[str, dict]]) -> str:
+    """Markdown: one row per setting on which the runs differ, one column per run (``-``: not recorded)."""
+    flat = [_flat(d.get("settings")) for _, d in runs]
+    differ = differing_settings(flat)
+    if not differ:
+        return "The runs' recorded settings are the same.\n"
+    head = ["setting", *(label for label, _ in runs)]
+    lines = ["| " + " | ".join(c.replace("|", "/") for c in head) + " |", "|" + "---|" * len(head)]
+    for k in differ:
+        cells = [k, *(str(f[k]) if k in f else "-" for f in flat)]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _ratio_text(x: float) -> str:
+    """``1.071``; ``2.79e+08`` once three decimals stop saying anything."""
+    return f"{x:.3f}" if abs(x) < 1000 else f"{x:.3g}"
 
 
 def comparison_table(runs: list[tuple[str, dict]], protocols: tuple[str, ...]) -> str:
@@ -111,7 +136,7 @@ def comparison_table(runs: list[tuple[str, dict]], protocols: tuple[str, ...]) -
     for label, doc in runs:
         res = doc["results"]
         ppl = res.get("perplexity_ratio", {})
-        ppl_mean = f"{sum(ppl.values()) / len(ppl):.3f}" if ppl else "-"
+        ppl_mean = _ratio_text(sum(ppl.values()) / len(ppl)) if ppl else "-"
         edit = doc.get("edit_language", "")
         for view, block in ((edit, res["language"].get(edit, {})),
                             ("non-edit mean", res.get("average", {}).get("non_edit_languages", {}))):
@@ -167,7 +192,8 @@ def compare_runs(run_dirs: list[str], output: str | Path, labels: list[str] | No
     for proto in protocols:
         written[f"heatmap_{proto}"] = plot_heatmap(rows, out / f"heatmap_{proto}.png", proto)
     written["table"] = out / "comparison.md"
-    written["table"].write_text(runs_table(runs) + "\n" + comparison_table(runs, protocols), encoding="utf-8")
+    written["table"].write_text("\n".join([runs_table(runs), settings_table(runs), comparison_table(runs, protocols)]),
+                                encoding="utf-8")
     written["languages"] = out / "languages.md"
     written["languages"].write_text(language_tables(runs, protocols), encoding="utf-8")
     return written

@@ -367,3 +367,18 @@ def test_runs_of_one_method_are_told_apart_by_their_shortest_distinct_folder():
         "memla (edited) a/version_0", "memla (edited) a/version_1"]
     assert distinct_labels([run("memla", "x/b/results.json"), run("memla", "y/b/results.json")]) == [
         "memla (edited) x/b", "memla (edited) y/b"]
+
+
+def test_settings_table_lists_only_settings_whose_recorded_values_differ():
+    from mke_lightning.compare import settings_table
+
+    runs = [
+        ("a", {"settings": {"loss": {"max_steps": 60, "kl": 0.0}, "lora": {"rank": 8}}}),
+        ("b", {"settings": {"loss": {"max_steps": 60, "kl": 1.0}, "lora": None}}),
+        ("c", {"settings": {"loss": {"max_steps": 60}}}),  # an older run that did not record loss.kl
+    ]
+    table = settings_table(runs)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| setting")]
+    # loss.max_steps is the same everywhere and lora.rank is recorded by one run only; lora is set in a, None in b
+    assert rows == ["| lora | set | None | - |", "| loss.kl | 0.0 | 1.0 | - |"]
+    assert settings_table(runs[:1]) == "The runs' recorded settings are the same.\n"
