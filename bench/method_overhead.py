@@ -10,6 +10,9 @@ it; localisation not included) is timed, then the same number of passes is
 repeated with nothing of ours: the model's forward on the same packed batches,
 the same target log-probabilities, and a backward into a zero vector added
 at the edited layers' outputs (so the backward reaches exactly as deep).
+Forwards and backwards are counted as the editor does them: a forward per
+step, and a backward after each one but the last when the edit met its
+stopping rule there (it stops before that backward).
 The ratio of the two is the optimisation's overhead (target <= 1.25).
 Records: MzsRE, English edit prompts (``--data``); methods share one set of
 located neurons per record.
@@ -47,8 +50,8 @@ METHODS = {
 }
 
 
-def bare_passes(ed: KnowledgeEditor, record, layers: list[int], steps: int) -> float:
-    """Seconds for ``steps`` forward+backward passes on the edit's batch, with nothing of the editor's in the loop."""
+def bare_passes(ed: KnowledgeEditor, record, layers: list[int], steps: int, backwards: int) -> float:
+    """Seconds for ``steps`` forwards and ``backwards`` backwards on the edit's batch, with nothing of the editor's in the loop."""
     model, cfg = ed.causal_lm, ed.loss_config
     prompts, targets, units = ed._rows([record])
     anchors = ed._anchor_ids if cfg.kl_weight > 0 else []  # the KL rows, as the editor's step has them
@@ -58,15 +61,16 @@ def bare_passes(ed: KnowledgeEditor, record, layers: list[int], steps: int) -> f
     hooks = [model.get_submodule(ed.arch.mlp_out_name(l)).register_forward_hook(lambda m, a, out: out + z) for l in layers]
     try:
         start = time.perf_counter()
-        for _ in range(steps):
+        for step in range(steps):
             logits = grouped_target_logits(model, batch)  # per row: the head on target positions only, as the editor
             lp = row_logprobs(logits[: len(targets)], targets)
             loss = sum(cfg.new_weight * (-lp[i].sum() / len(targets[i])) + (cfg.true_weight * lp[j].sum().exp() if j is not None else 0)
                        for _, i, j in units) / len(units)
             if anchors:
                 loss = loss + cfg.kl_weight * ed.anchor_kl(torch.cat(logits[len(targets):]))  # [A, V] in
-            z.grad = None
-            loss.backward()
+            if step < backwards:
+                z.grad = None
+                loss.backward()
         return time.perf_counter() - start
     finally:
         for h in hooks:
@@ -113,7 +117,9 @@ def main() -> None:
                 sorted({l for c in ed.lora_config.categories for l in mask.category(c)})
             if out.steps == 0 or not layers:
                 continue
-            bare = bare_passes(ed, record, layers, out.steps)
+            cfg = ed.loss_config  # the editor breaks before its last step's backward once the stopping rule holds
+            stopped = out.loss < cfg.stop_loss or out.p_new > cfg.stop_prob
+            bare = bare_passes(ed, record, layers, out.steps, out.steps - 1 if stopped else out.steps)
             edit_s.append(took)
             bare_s.append(bare)
             ratios.append(took / bare)
