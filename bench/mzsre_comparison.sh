@@ -11,7 +11,9 @@
 # memla-sequential lafn-sequential; also memla-busy_filter (MEMLA with busy
 # neurons dropped from its masks, configs/mzsre/busy_filter.yaml). Outputs: runs/mzsre-<RUN>/version_0/
 # (results.json, edits.csv, heatmaps, deltas/), then the comparison in
-# runs/mzsre-compare/ (mke report).
+# runs/mzsre-compare/ (mke report). MKE_RUNS=DIR puts them under DIR instead of
+# runs/: a run longer than one working session can then live outside a work
+# tree that is laid anew (MKE_RUNS=~/mke-runs bash bench/mzsre_comparison.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/mzsre}
@@ -21,11 +23,12 @@ if [ ${#RUNS[@]} -eq 0 ]; then
   RUNS=(ft_l memla lora memla-no_independent memla-no_specific lafn memla-sequential lafn-sequential)
 fi
 MKE=${MKE:-mke}
+OUT=${MKE_RUNS:-runs}
 
 run() {  # run NAME CONFIG [EXTRA ARGS...]
   local name=$1 config=$2
   shift 2
-  local dir=runs/mzsre-$name
+  local dir=$OUT/mzsre-$name
   if [ -f "$dir/version_0/results.json" ]; then
     echo "== $name: done ($dir/version_0/results.json)"
     return
@@ -38,6 +41,7 @@ run() {  # run NAME CONFIG [EXTRA ARGS...]
     echo "== $name: starting"
   fi
   "$MKE" fit --config "$config" --data.path "$DATA" \
+    --trainer.logger.init_args.save_dir "$OUT" \
     --trainer.logger.init_args.name "mzsre-$name" --trainer.logger.init_args.version 0 \
     "$@" "${resume[@]}"
 }
@@ -59,11 +63,11 @@ done
 finished=()
 labels=()
 for r in ft_l lora memla memla-no_independent memla-no_specific memla-busy_filter lafn memla-sequential lafn-sequential; do
-  if [ -f "runs/mzsre-$r/version_0/results.json" ]; then
-    finished+=("runs/mzsre-$r/version_0")
+  if [ -f "$OUT/mzsre-$r/version_0/results.json" ]; then
+    finished+=("$OUT/mzsre-$r/version_0")
     labels+=("$r")
   fi
 done
 if [ ${#finished[@]} -gt 0 ]; then
-  "$MKE" report "${finished[@]}" --labels "${labels[@]}" --output runs/mzsre-compare
+  "$MKE" report "${finished[@]}" --labels "${labels[@]}" --output "$OUT/mzsre-compare"
 fi
