@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
+from weakref import proxy
 
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
 
 class EditCheckpoint(ModelCheckpoint):
@@ -16,7 +20,10 @@ class EditCheckpoint(ModelCheckpoint):
     checkpoint holds the edit log (which edits are done, with their outcomes)
     and the evaluation state, not the model: the ``single`` protocol restores
     the weights after every edit. Resume with ``mke fit ... --ckpt_path last``:
-    the run continues at the next edit, none applied twice.
+    the run continues at the next edit, none applied twice. A checkpoint is
+    written beside ``last.ckpt`` and renamed over it once complete, so a run
+    killed while saving keeps its previous checkpoint whole (on one node; a
+    sharded DeepSpeed or FSDP checkpoint across nodes is written in place).
 
     Args:
         dirpath: where ``last.ckpt`` goes; by default ``<save_dir>/<name>/checkpoints``
@@ -57,3 +64,35 @@ class EditCheckpoint(ModelCheckpoint):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         return None
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        # Write ``<filepath>.part``, then rename it over ``filepath``: a kill mid-write leaves the
+        # previous checkpoint as it was (the run may have taken hours to get there). Across nodes a
+        # sharded strategy writes its folder on each node's disk, where rank 0 cannot rename it.
+        if trainer.num_nodes > 1 and isinstance(trainer.strategy, (DeepSpeedStrategy, FSDPStrategy)):
+            super()._save_checkpoint(trainer, filepath)
+            return
+        part = f"{filepath}.part"
+        trainer.save_checkpoint(part, self.save_weights_only)  # every rank; returns once it is written
+        if trainer.is_global_zero:
+            _replace(part, filepath)
+        trainer.strategy.barrier("EditCheckpoint._save_checkpoint")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+
+def _replace(part: str, target: str) -> None:
+    """Move the finished checkpoint ``part`` to ``target``: one rename for a file; a folder (DeepSpeed's
+    sharded checkpoint) takes the old one's place after the old one is moved aside and before it is removed."""
+    if os.path.isdir(part):
+        old = f"{target}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(target):
+            os.replace(target, old)
+        os.replace(part, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(part, target)

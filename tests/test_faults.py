@@ -136,3 +136,37 @@ def test_a_killed_run_resumes_and_applies_every_edit_exactly_once(protocol, tmp_
             for layer, (idx, values) in want["layers"].items():
                 assert torch.equal(got["layers"][layer][0], idx)
                 assert (got["layers"][layer][1] - values).abs().max() < 1e-5
+
+
+class _SavingTrainer:
+    """What EditCheckpoint's save needs of a Trainer; the save of edit ``dies_at`` stops half-written."""
+
+    num_nodes, is_global_zero, global_step, loggers = 1, True, 0, []
+
+    def __init__(self, dies_at: int) -> None:
+        self.edits, self.dies_at = 0, dies_at
+        self.strategy = type("OneProcess", (), {"barrier": lambda self, name=None: None})()
+
+    def save_checkpoint(self, filepath, weights_only=False):
+        self.edits += 1
+        if self.edits == self.dies_at:
+            Path(filepath).write_bytes(b"PK\x03\x04 half a checkpoint")
+            raise KeyboardInterrupt("killed while saving")
+        torch.save({"edits_done": self.edits}, filepath)
+
+
+def test_a_kill_while_saving_leaves_the_previous_checkpoint_whole(tmp_path):
+    from mke_lightning.callbacks import EditCheckpoint
+
+    cb, trainer = EditCheckpoint(dirpath=str(tmp_path), every_n_edits=1), _SavingTrainer(dies_at=3)
+    last = tmp_path / "last.ckpt"
+    for _ in range(2):
+        cb._save_checkpoint(trainer, str(last))
+    assert torch.load(last, weights_only=False) == {"edits_done": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # nothing half-done left beside it
+    with pytest.raises(KeyboardInterrupt):
+        cb._save_checkpoint(trainer, str(last))
+    assert torch.load(last, weights_only=False) == {"edits_done": 2}  # the resume point before the kill
+    cb._save_checkpoint(trainer, str(last))  # the next save replaces both
+    assert torch.load(last, weights_only=False) == {"edits_done": 4}
+    assert not (tmp_path / "last.ckpt.part").exists()
