@@ -12,8 +12,8 @@
 # neurons dropped from its masks, configs/mzsre/busy_filter.yaml). Outputs: runs/mzsre-<RUN>/version_0/
 # (results.json, edits.csv, heatmaps, deltas/), then the comparison in
 # runs/mzsre-compare/ (mke report). MKE_RUNS=DIR puts them under DIR instead of
-# runs/: a run longer than one working session can then live outside a work
-# tree that is laid anew (MKE_RUNS=~/mke-runs bash bench/mzsre_comparison.sh).
+# runs/, so that a run resumed from a fresh clone finds its checkpoint
+# (MKE_RUNS=~/mke-runs bash bench/mzsre_comparison.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/mzsre}
