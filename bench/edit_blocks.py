@@ -15,18 +15,13 @@ the median perplexity ratio over languages after each measured edit.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import statistics
 from pathlib import Path
 
-
-def _csv(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with path.open(newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+import yaml
+from shared_records import read_rows
 
 
 def _mean(rows: list[dict], ids: set[str], measure: str, proto: str) -> str:
@@ -51,9 +46,10 @@ def main() -> None:
         log = [json.loads(line) for line in f if line.strip()]
     if not log:
         raise SystemExit(f"{args.run / 'edit_log.jsonl'}: no edits")
-    edits = _csv(args.run / "edits.csv")
-    retention = _csv(args.run / "retention.csv")
-    max_steps = max(e["steps"] for e in log)
+    edits = read_rows(args.run / "edits.csv")
+    retention = read_rows(args.run / "retention.csv", missing_ok=True)
+    config = yaml.safe_load((args.run / "config.yaml").read_text(encoding="utf-8"))
+    max_steps = config["model"]["loss"]["max_steps"]  # the run's step cap, as it was launched
 
     print(f"{len(log)} edits, at most {max_steps} steps, fail: P(new) < {args.fail_below} in some language")
     print(
@@ -84,10 +80,20 @@ def main() -> None:
     print(f"no neuron: {len(none)} {none}")
     print(f"1-{args.few_neurons} neurons: {sum(_failed(e, args.fail_below) for e in few)} of {len(few)} failed")
     print(f"more neurons: {len(many_failed)} of {len(many)} failed, at edits {many_failed}")
-    print(f"median steps {statistics.median(e['steps'] for e in log)}, median s {statistics.median(e['seconds'] for e in log):.1f}")
+    seconds = [e["seconds"] for e in log]
+    print(
+        f"optimisation: median {statistics.median(e['steps'] for e in log)} steps and "
+        f"{statistics.median(seconds):.1f} s per edit, {sum(seconds) / 3600:.2f} h in all"
+    )
+    results = args.run / "results.json"
+    if results.exists():
+        doc = json.loads(results.read_text(encoding="utf-8"))
+        print(f"evaluation: median {doc.get('eval_seconds_per_edit_median_rank0')} s per edit (rank 0)")
+        for check in (doc.get("retention") or {}).get("checkpoints", []):
+            print(f"retention pass after {check['edits_done']} edits: {check['seconds_rank0']:.0f} s (rank 0)")
 
     by_record: dict[str, list[float]] = {}
-    for r in _csv(args.run / "perplexity.csv"):
+    for r in read_rows(args.run / "perplexity.csv", missing_ok=True):
         by_record.setdefault(r["record_id"], []).append(float(r["ratio"]))
     order = {e["record_id"]: i for i, e in enumerate(log)}
     for rid in sorted(by_record, key=lambda x: order.get(x, len(order))):

@@ -19,7 +19,10 @@ MEASURES = ("reliability", "generality", "locality", "portability")
 PROTOCOLS = ("token_acc", "gen_em")
 
 
-def _rows(path: Path) -> list[dict]:
+def read_rows(path: Path, missing_ok: bool = False) -> list[dict]:
+    """The rows of a run's CSV file (``edits.csv``, ``perplexity.csv``, ...); none if ``missing_ok`` and it is absent."""
+    if missing_ok and not path.exists():
+        return []
     with path.open(newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
@@ -28,7 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="run log dirs holding edits.csv")
     args = ap.parse_args()
-    edits = {run: _rows(run / "edits.csv") for run in args.runs}
+    edits = {run: read_rows(run / "edits.csv") for run in args.runs}
     shared = set.intersection(*({r["record_id"] for r in rows} for rows in edits.values()))
     if not shared:
         raise SystemExit("the runs share no record")
@@ -46,8 +49,7 @@ def main() -> None:
     ppl = {}
     for run in args.runs:
         by_record: dict[str, list[float]] = {}
-        path = run / "perplexity.csv"
-        for r in _rows(path) if path.exists() else []:
+        for r in read_rows(run / "perplexity.csv", missing_ok=True):
             if r["record_id"] in shared:
                 by_record.setdefault(r["record_id"], []).append(float(r["ratio"]))
         ppl[run] = {rid: statistics.median(v) for rid, v in by_record.items()}

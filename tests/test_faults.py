@@ -170,3 +170,15 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint_whole(tmp_path):
     cb._save_checkpoint(trainer, str(last))  # the next save replaces both
     assert torch.load(last, weights_only=False) == {"edits_done": 4}
     assert not (tmp_path / "last.ckpt.part").exists()
+
+
+def test_a_sharded_checkpoint_folder_replaces_the_previous_one(tmp_path):
+    from mke_lightning.callbacks.checkpoint import _replace
+
+    last, part = tmp_path / "last.ckpt", tmp_path / "last.ckpt.part"
+    for edits in (1, 2):  # DeepSpeed writes a folder of shards
+        part.mkdir()
+        (part / "shard_0.pt").write_text(f"edits {edits}")
+        _replace(str(part), str(last))
+        assert (last / "shard_0.pt").read_text() == f"edits {edits}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # neither .part nor .old left
