@@ -54,7 +54,7 @@ def bare_passes(ed: KnowledgeEditor, record, layers: list[int], steps: int, back
     """Seconds for ``steps`` forwards and ``backwards`` backwards on the edit's batch, with nothing of the editor's in the loop."""
     model, cfg = ed.causal_lm, ed.loss_config
     prompts, targets, units = ed._rows([record])
-    anchors = ed._anchor_ids if cfg.kl_weight > 0 else []  # the KL rows, as the editor's step has them
+    anchors = ed.anchors.ids if cfg.kl_weight > 0 else []  # the KL rows, as the editor's step has them
     batch = pack_groups(prompts + anchors, targets + [[0]] * len(anchors), ed.tokenizer.pad_token_id, cfg.length_groups)
     d_model = model.config.hidden_size
     z = torch.zeros(d_model, requires_grad=True)  # [d_model]: where the backward must reach
