@@ -1,0 +1,83 @@
+"""A method registered from outside the package edits a model through `mke fit`, and the editor
+never asks for a method by name."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from mke_lightning.cli import cli_main
+from mke_lightning.methods import EditMethod, method_class, method_names, register
+from mke_lightning.neuron_delta import NeuronDelta
+
+from test_cli import _toy_args
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class _BiasOnOneNeuron:
+    """A trainable update of neuron 0's value vector at the last layer (the handle protocol of trained methods)."""
+
+    def __init__(self, editor) -> None:
+        out = editor.causal_lm.get_submodule(editor.arch.mlp_out_name(-1 % editor.causal_lm.config.num_hidden_layers))
+        self.value = torch.nn.Parameter(torch.zeros(out.weight.shape[0]))  # [d_model]
+        self.hook = out.register_forward_hook(lambda m, args, y: y + args[0][..., :1] * self.value)
+        self.layer = editor.causal_lm.config.num_hidden_layers - 1
+
+    def parameters(self):
+        return [self.value]
+
+    def count(self) -> int:
+        return 1
+
+    def clamp_norms(self) -> None:
+        pass
+
+    def to_delta(self) -> NeuronDelta:
+        self.hook.remove()
+        return NeuronDelta({self.layer: (torch.tensor([0]), self.value.detach()[None].clone())})
+
+    def discard(self) -> None:
+        self.hook.remove()
+
+
+@register
+class OneNeuron(EditMethod):
+    name = "one_neuron_test"
+
+    @property
+    def needs_masks(self) -> bool:
+        return False
+
+    def attach(self, mask):
+        return _BiasOnOneNeuron(self.editor)
+
+
+def test_a_method_registered_outside_the_package_edits_through_mke_fit(tmp_path, tiny_llama_dir):
+    assert method_class("one_neuron_test") is OneNeuron and "one_neuron_test" in method_names()
+    args = _toy_args(tmp_path, tiny_llama_dir) + ["--model.method", "one_neuron_test", "--model.save_deltas", "true"]
+    cli = cli_main(args)
+    assert [o.neurons for o in cli.model.outcomes] == [1, 1]
+    assert all(o.steps >= 1 and o.failed is None for o in cli.model.outcomes)
+    results = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
+    assert results["method"] == "one_neuron_test"
+    deltas = sorted((tmp_path / "runs").rglob("deltas/*.safetensors"))
+    assert len(deltas) == 2
+    moved = NeuronDelta.load(deltas[0])
+    assert list(moved.layers) == [1] and moved.layers[1][1].abs().sum() > 0  # the trained value vector was saved
+
+
+def test_a_taken_name_is_refused():
+    with pytest.raises(ValueError, match="'memla' is taken"):
+        register(type("Other", (EditMethod,), {"name": "memla"}))
+
+
+def test_no_generic_code_branches_on_an_edit_method_name():
+    names = "\\|".join(["memla", "lora", "ft_l", "lafn", "rome", "memit", "alphaedit"])
+    pattern = rf"method\(_name\)\? *\(==\|!=\|in\) *[(\[]\?[\"']\({names}\)"  # e.g. self.method == "lafn"
+    found = subprocess.run(["grep", "-rn", pattern, "mke_lightning", "callbacks"], cwd=REPO, capture_output=True, text=True).stdout
+    assert [line for line in found.splitlines() if "/methods/" not in line] == []
