@@ -119,6 +119,9 @@ def train_update(method, batch: EditBatch) -> UpdateResult:
             loss = edit_loss(lp, units, cfg, batch.n_units) if units else logits[0].new_zeros((), dtype=torch.float32)
             if anchors:
                 loss = loss + cfg.kl_weight * editor.anchors(torch.cat(logits[len(targets):]))  # each anchor's last position
+            kept = editor.preservation.penalty(editor, handle) if editor.preservation is not None and ranks.rank == 0 else None
+            if kept is not None:
+                loss = loss + kept  # output change on ordinary text and earlier edits' keys (one rank carries it)
             part = float(loss.detach())
             p_unit = [float(lp[i].detach().sum().exp()) for _, i, _ in units]
         else:

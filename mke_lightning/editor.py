@@ -162,6 +162,7 @@ class KnowledgeEditor(L.LightningModule):
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         self.protocol = protocol
         self.values_config = values or ValueUpdateConfig()
+        self.preservation = None
         self.method = method
         self.method_impl = method_class(method)(self)
         self.method_impl.check()

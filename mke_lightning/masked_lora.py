@@ -133,6 +133,21 @@ class MaskedLoRA:
                 if peak > self.cfg.max_neuron_norm:
                     mod.lora_B[cat].weight.mul_(self.cfg.max_neuron_norm / peak)
 
+    def live_delta(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Layer -> (neuron indices ``[n]``, their value-vector updates ``[n, d_model]``), with gradients, as merged."""
+        out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        per_layer: dict[int, torch.Tensor] = {}
+        for cat, layers in self.layers.items():
+            for layer in layers:
+                d = self._lora_layer(layer).get_delta_weight(cat)  # the weight's shape
+                per_layer[layer] = per_layer[layer] + d if layer in per_layer else d
+        for layer, idx in self.neurons().items():
+            d = per_layer[layer] * self.cfg.merge_scale
+            index = torch.tensor(idx, dtype=torch.long, device=d.device)
+            cols = d.index_select(neuron_dim(self._lora_layer(layer).base_layer), index)
+            out[layer] = (index, cols if neuron_dim(self._lora_layer(layer).base_layer) == 0 else cols.t())  # [n, d_model]
+        return out
+
     @torch.no_grad()
     def delta(self) -> dict[int, torch.Tensor]:
         """The full update per layer (all adapters), scaled by ``merge_scale``."""

@@ -111,6 +111,10 @@ class ValueUpdate:
     def count(self) -> int:
         return sum(int(i.numel()) for i in self.index.values())
 
+    def live_delta(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Layer -> (neuron indices ``[n]``, their value-vector updates ``[n, d_model]``), with gradients."""
+        return {l: (self.index[l], self.values[l]) for l in self.values}
+
     @torch.no_grad()
     def clamp_norms(self) -> None:
         """Project the update back into its constraint set (after an optimiser step)."""

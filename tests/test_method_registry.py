@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,11 @@ def test_no_generic_code_branches_on_an_edit_method_name():
     pattern = rf"method\(_name\)\? *\(==\|!=\|in\) *[(\[]\?[\"']\({names}\)"  # e.g. self.method == "lafn"
     found = subprocess.run(["grep", "-rn", pattern, "mke_lightning", "callbacks"], cwd=REPO, capture_output=True, text=True).stdout
     assert [line for line in found.splitlines() if "/methods/" not in line] == []
+
+
+def test_the_top_level_names_import_lazily():
+    code = ("import sys, mke_lightning as m; assert 'mke_lightning.editor' not in sys.modules; "
+            "from mke_lightning import KnowledgeEditor, EditDataModule, NeuronLocalization, register_method; "
+            "assert KnowledgeEditor.__module__ == 'mke_lightning.editor' and register_method is m.methods.register")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
