@@ -60,6 +60,7 @@ from mke_lightning.model_loading import ModelConfig, load_causal_lm
 from mke_lightning.neuron_delta import NeuronDelta, OnTop, Restore
 from mke_lightning.neurons import CATEGORIES, NeuronMask
 from mke_lightning.objective import AnchorKL, EditLossConfig, training_rows
+from mke_lightning.preserve import Preservation, PreservationConfig
 from mke_lightning.records import EditRecord
 from mke_lightning.value_update import ValueUpdateConfig
 
@@ -124,6 +125,7 @@ class KnowledgeEditor(L.LightningModule):
         protocol: Literal["single", "batch", "sequential"] = "single",
         method: str = "memla",
         values: ValueUpdateConfig | None = None,
+        preserve: PreservationConfig | None = None,
         train_languages: list[str] | None = None,
         save_deltas: bool = False,
         init_seed: int = 0,
@@ -143,6 +145,9 @@ class KnowledgeEditor(L.LightningModule):
             method: a registered method (:mod:`mke_lightning.methods`): ``memla``, ``lora``, ``ft_l``,
                 ``lafn`` and the locate-then-edit family (see the module docstring).
             values: the direct value-vector update of ``ft_l`` and ``lafn``.
+            preserve: preservation of a trained method's update (docs/preservation.md): a loss term for
+                its output change on ordinary text and on earlier edits' keys, and a bound on each
+                neuron's change; null: none (the authors' reading).
             train_languages: languages whose edit prompts (each with its own new target)
                 the edit is trained on; null: the edit language only.
             save_deltas: write each edit (``single``/``batch``: one file per batch; ``sequential``:
@@ -162,7 +167,7 @@ class KnowledgeEditor(L.LightningModule):
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         self.protocol = protocol
         self.values_config = values or ValueUpdateConfig()
-        self.preservation = None
+        self.preservation = Preservation(preserve) if preserve is not None and preserve.active else None
         self.method = method
         self.method_impl = method_class(method)(self)
         self.method_impl.check()
@@ -327,6 +332,11 @@ class KnowledgeEditor(L.LightningModule):
             return outcomes
         if result.delta is None:
             return outcomes
+        if self.preservation is not None:
+            result.delta = self.preservation.bound(self, result.delta)
+            if self.protocol == "sequential":  # the keys this edit writes on (every rank's), before it is applied
+                mine = [batch.prompts[i] for _, i, _ in batch.units]
+                self.preservation.remember(self, [p for part in ranks.gather(mine) for p in part], sorted(result.delta.layers))
         undo = apply_delta(self.causal_lm, self.arch, result.delta, self.lora_config.apply)
         if self.save_deltas and ranks.rank == 0:  # shared: every rank holds the same delta; rank 0 writes it
             self._save_delta(batch.all_ids, result.delta)
