@@ -21,7 +21,7 @@ import torch
 
 from mke_lightning.neuron_delta import NeuronDelta
 from mke_lightning.neurons import NeuronMask
-from mke_lightning.objective import edit_loss
+from mke_lightning.objective import edit_loss, kl_from
 from mke_lightning.records import EditRecord
 from mke_lightning.scoring import grouped_target_logits, pack_groups, row_logprobs
 
@@ -91,6 +91,8 @@ def train_update(method, batch: EditBatch) -> UpdateResult:
     editor = method.editor
     cfg = editor.loss_config
     ranks = batch.ranks
+    # the neighbours' pre-edit distributions, taken before the update is attached
+    near, near_logp = editor.neighbours.rows(editor.causal_lm, editor.tokenizer, batch.records, editor.device)
     with seeded(batch.seed, editor.device):
         handle = method.attach(batch.mask)  # the same random start on every rank and in every run
     counts = [method.neuron_count(m, handle) for m in batch.masks]
@@ -102,8 +104,9 @@ def train_update(method, batch: EditBatch) -> UpdateResult:
     anchors = editor.anchors.ids if ranks.rank == 0 and cfg.kl_weight > 0 else []  # one rank carries the batch's KL term
     prompts, targets, units = batch.prompts, batch.targets, batch.units
     pad = editor.tokenizer.pad_token_id
-    if prompts or anchors:
-        rows, row_targets = prompts + anchors, targets + [[0]] * len(anchors)  # anchors predict one (unused) token
+    extra = anchors + near  # rows read at their last position only
+    if prompts or extra:
+        rows, row_targets = prompts + extra, targets + [[0]] * len(extra)  # each predicts one (unused) token
     else:
         # Padding (no record here this step): a one-token row, so that this rank's forward and
         # backward meet the others' where the weights are partitioned (ZeRO-3 gathers them in both).
@@ -114,11 +117,14 @@ def train_update(method, batch: EditBatch) -> UpdateResult:
     steps, loss_v, p_new = 0, float("nan"), [0.0] * len(batch.records)
     for steps in range(1, cfg.max_steps + 1):
         logits = grouped_target_logits(editor.causal_lm, packed)  # per row: [len(target), V] at its target positions
-        if prompts or anchors:
+        if prompts or extra:
             lp = row_logprobs(logits[: len(targets)], targets) if targets else []  # per record row: [len(target)]
             loss = edit_loss(lp, units, cfg, batch.n_units) if units else logits[0].new_zeros((), dtype=torch.float32)
             if anchors:
-                loss = loss + cfg.kl_weight * editor.anchors(torch.cat(logits[len(targets):]))  # each anchor's last position
+                loss = loss + cfg.kl_weight * editor.anchors(torch.cat(logits[len(targets):len(targets) + len(anchors)]))
+            if near:  # this rank's share of the batch's neighbour term
+                shown = torch.cat(logits[len(targets) + len(anchors):])  # [N, V] each neighbour's last position
+                loss = loss + cfg.neighbour_weight * kl_from(near_logp, shown) * len(units) / batch.n_units
             kept = editor.preservation.penalty(editor, handle) if editor.preservation is not None and ranks.rank == 0 else None
             if kept is not None:
                 loss = loss + kept  # output change on ordinary text and earlier edits' keys (one rank carries it)

@@ -59,7 +59,7 @@ from mke_lightning.methods import method_class
 from mke_lightning.model_loading import ModelConfig, load_causal_lm
 from mke_lightning.neuron_delta import NeuronDelta, OnTop, Restore
 from mke_lightning.neurons import CATEGORIES, NeuronMask
-from mke_lightning.objective import AnchorKL, EditLossConfig, training_rows
+from mke_lightning.objective import AnchorKL, EditLossConfig, NeighbourKL, training_rows
 from mke_lightning.preserve import Preservation, PreservationConfig
 from mke_lightning.records import EditRecord
 from mke_lightning.value_update import ValueUpdateConfig
@@ -187,6 +187,8 @@ class KnowledgeEditor(L.LightningModule):
         self._restore: Restore | OnTop | None = None
         self._delta_dir: Path | None = None
         self.anchors = AnchorKL(self.loss_config, edit_language)
+        self.neighbours = NeighbourKL(self.loss_config, train_languages or [edit_language])
+        self._run_subjects_excluded = False
 
     # -- model ------------------------------------------------------------
     def configure_model(self) -> None:
@@ -314,11 +316,21 @@ class KnowledgeEditor(L.LightningModule):
         seed = zlib.crc32("\n".join([str(self.init_seed), *all_ids]).encode())
         return EditBatch(records, masks, all_ids, mask, prompts, targets, units, sum(n for _, _, n in shares), ranks, seed)
 
+    def _exclude_run_subjects(self, records: list[EditRecord]) -> None:
+        """The neighbour term never uses a subject of the run's records (those of the DataModule, else these)."""
+        if self._run_subjects_excluded or self.loss_config.neighbour_weight <= 0:
+            return
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        every = list(getattr(dm, "records", None) or records)
+        self.neighbours.exclude(f.subject for r in every for f in (r.facts(l) for l in r.languages))
+        self._run_subjects_excluded = self._trainer is not None  # as a library: each call's own records
+
     def _edit(self, records: list[EditRecord], masks: list[NeuronMask | None], ranks: SharedEdit,
               require_masks: bool = False) -> list[EditOutcome]:
         start = time.perf_counter()
         self.causal_lm.eval()
         self.anchors.prepare(self.causal_lm, self.tokenizer, self.device)
+        self._exclude_run_subjects(records)
         batch = self.edit_batch(records, masks, ranks, require_masks)
         if batch is None:
             return []
@@ -354,10 +366,15 @@ class KnowledgeEditor(L.LightningModule):
         folder.mkdir(parents=True, exist_ok=True)
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in record_ids[0])
         name = f"{len(self.applied):06d}_{safe}" if self.protocol == "sequential" else safe
-        delta.save(folder / f"{name}.safetensors", metadata={
+        meta = {
             "records": record_ids, "method": self.method_name, "protocol": self.protocol,
             "model": self.lm_config.name_or_path, "edit_language": self.edit_language,
-        })
+            "dtype": self.lm_config.dtype, "load_in_8bit": self.lm_config.load_in_8bit,
+        }
+        fingerprint = getattr(self, "_base_fingerprint", None)  # set in on_fit_start, before any edit
+        if fingerprint:  # the model the run began with: mke export and load_edits check it
+            meta["model_fingerprint"] = fingerprint
+        delta.save(folder / f"{name}.safetensors", metadata=meta)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -425,19 +442,89 @@ class KnowledgeEditor(L.LightningModule):
             {"records": ids, "layers": {l: (idx.cpu(), v.detach().float().cpu()) for l, (idx, v) in d.layers.items()}}
             for ids, d in self.applied
         ]
+        # What else the rest of the run depends on: the pre-edit model's fingerprint (delta files name it),
+        # the delta folder the run began writing (a resumed run goes on writing there, whatever version
+        # folder its logger takes), and preservation's memory of earlier edits, in full precision.
+        checkpoint["mke_base_fingerprint"] = getattr(self, "_base_fingerprint", None)
+        folder = self._delta_dir
+        if folder is not None:
+            logger = self.logger if self._trainer is not None else None
+            root = Path(logger.save_dir) / logger.name if getattr(logger, "save_dir", None) and getattr(logger, "name", None) else None
+            inside = root is not None and folder.resolve().is_relative_to(root.resolve())
+            checkpoint["mke_delta_dir"] = {"path": str(folder.resolve()),
+                                           "in_run": folder.resolve().relative_to(root.resolve()).as_posix() if inside else None}
+        if self.preservation is not None:
+            checkpoint["mke_preservation"] = {
+                "earlier": {str(l): torch.stack(k) for l, k in self.preservation.earlier.items() if k},  # [P, d_ff] per layer
+                "energy": {str(l): e for l, e in self.preservation._energy.items()},  # taken on the model of the layer's first edit
+            }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.resumed = [EditOutcome(**d) for d in checkpoint.get("mke_edit_log", [])]
-        if checkpoint.get("mke_applied") and self.causal_lm is None:
+        self._resumed_fingerprint = checkpoint.get("mke_base_fingerprint")
+        self._resumed_delta_dir = checkpoint.get("mke_delta_dir")
+        kept = checkpoint.get("mke_preservation")
+        if kept is not None and self.preservation is not None:
+            self.preservation.earlier = {int(l): list(t.float().unbind(0)) for l, t in kept["earlier"].items()}
+            self.preservation._energy = {int(l): float(e) for l, e in kept["energy"].items()}
+        applied = [(list(item["records"]), NeuronDelta({int(l): t for l, t in item["layers"].items()}))
+                   for item in checkpoint.get("mke_applied", [])]
+        if self._trainer is not None and self.trainer.state.fn == "fit" and not self.trainer.strategy.restore_checkpoint_after_setup:
+            # Applied in on_fit_start, which Lightning runs after every callback's: localisation (and anything
+            # else taken from the model before the first edit) sees the model the run began with.
+            self._to_reapply = applied
+            return
+        if applied and self.causal_lm is None:
             self.configure_model()
-        for item in checkpoint.get("mke_applied", []):
-            delta = NeuronDelta({int(l): t for l, t in item["layers"].items()})
+        for ids, delta in applied:
             apply_delta(self.causal_lm, self.arch, delta, self.lora_config.apply)
-            self.applied.append((list(item["records"]), delta))
+            self.applied.append((ids, delta))
 
     def on_fit_start(self) -> None:
         log_dir = self.trainer.log_dir if self.save_deltas else None  # a collective call: every rank makes it here
         self._delta_dir = Path(log_dir) / "deltas" if log_dir else None
+        saved_dir = getattr(self, "_resumed_delta_dir", None)
+        if self._delta_dir is not None and saved_dir:
+            # A resumed run writes its deltas where the run began: one folder holds every edit once (the
+            # logger may have given this restart a new version folder).
+            logger = self.logger
+            root = Path(logger.save_dir) / logger.name if getattr(logger, "save_dir", None) and getattr(logger, "name", None) else None
+            where = [root / saved_dir["in_run"]] if root is not None and saved_dir.get("in_run") else []
+            where.append(Path(saved_dir["path"]))
+            folder = next((p for p in where if p.is_dir()), where[0])
+            if not folder.is_dir():
+                log.warning("the delta folder this run began writing (%s) is gone; the deltas of the edits made "
+                            "before the restart are lost, the later ones go there", folder)
+            if folder.resolve() != self._delta_dir.resolve():
+                rank_zero_info(f"deltas: this resumed run goes on writing into {folder}, where the run began "
+                               f"(not {self._delta_dir})")
+            self._delta_dir = folder
+        reapply = getattr(self, "_to_reapply", None) or []
+        self._to_reapply = None
+        saved_fp = getattr(self, "_resumed_fingerprint", None)
+        if self.causal_lm is not None and (self.save_deltas or saved_fp):
+            from mke_lightning.neuron_cache import model_fingerprint
+
+            self._base_fingerprint = model_fingerprint(self.causal_lm, self.tokenizer, self.arch)  # before any edit
+            if saved_fp and saved_fp != self._base_fingerprint:
+                raise ValueError(
+                    f"resuming: the checkpoint's edits were made on model {saved_fp[:16]}, this run's model is "
+                    f"{self._base_fingerprint[:16]} (model.lm.name_or_path {self.lm_config.name_or_path!r}, dtype "
+                    f"{self.lm_config.dtype}); resume with the model the run began with, or start afresh without --ckpt_path")
+        if reapply:
+            # What an uninterrupted run takes from the unedited model at its first edit, taken now, before the
+            # kept edits come back: the anchors' pre-edit distributions and the preservation statistics.
+            was_training = self.causal_lm.training
+            self.causal_lm.eval()
+            try:
+                self.anchors.prepare(self.causal_lm, self.tokenizer, self.device)
+                if self.preservation is not None and self.preservation.cfg.penalty > 0:
+                    self.preservation._statistics(self)
+            finally:
+                self.causal_lm.train(was_training)
+            for ids, delta in reapply:
+                apply_delta(self.causal_lm, self.arch, delta, self.lora_config.apply)
+                self.applied.append((ids, delta))
         if not self.resumed:
             return
         dm = self.trainer.datamodule

@@ -9,7 +9,11 @@ prompts. The stopping rule reads the loss and P(target_new).
 
 from __future__ import annotations
 
+import json
+import zlib
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 
 import torch
 
@@ -32,6 +36,15 @@ class EditLossConfig:
     """JSON file ``{lang: [prompt, ...]}`` of anchor prompts for the KL term (default: the packaged set)."""
     anchor_languages: list[str] | None = None
     """Languages of the anchors used (default: the edit language only; each anchor adds a row to every step)."""
+    neighbour_weight: float = 0.0
+    """Weight of KL(pre-edit || edited) on the edit's own prompt asked about other subjects (its subject
+    replaced by names from ``neighbour_subjects``), at the last prompt position: the edit should change
+    what is said about its subject, not the answer to its question about anything. 0: off."""
+    neighbour_subjects: str | None = None
+    """JSON file ``{lang: [name, ...]}`` of replacement subjects (default: the packaged list). Names that
+    are the subject of any record of the run are never used, so no evaluated prompt is trained on."""
+    neighbours: int = 4
+    """Replacement subjects per edit and training language (drawn by a rule seeded with the record's id)."""
     max_steps: int = 60
     """Optimisation steps per edit at most."""
     stop_loss: float = 0.01
@@ -48,6 +61,8 @@ class EditLossConfig:
             raise ValueError("loss.max_steps must be >= 1")
         if self.length_groups < 1:
             raise ValueError("loss.length_groups must be >= 1")
+        if self.neighbour_weight < 0 or self.neighbours < 1:
+            raise ValueError("loss.neighbour_weight must be >= 0 and loss.neighbours >= 1")
 
 
 Unit = tuple[int, int, "int | None"]  # (record index, new-target row, old-target row or None)
@@ -110,5 +125,62 @@ class AnchorKL:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """KL(pre-edit || now), mean over the anchors: ``logits`` ``[A, V]`` at their last positions."""
-        post = torch.log_softmax(logits.float(), -1)  # [A, V]
-        return (self.logp.exp() * (self.logp - post)).sum(-1).mean()
+        return kl_from(self.logp, logits)
+
+
+class NeighbourKL:
+    """The neighbours' KL term: the edit prompt with its subject replaced by other names, held to the
+    pre-edit model's next-token distribution at the last position.
+
+    Keying a fact to its subject is what separates "the answer about Y changed" from "the answer to this
+    question changed"; these rows say so to the optimiser. The names come from a fixed list (never a
+    subject of the run's records: :meth:`exclude`), so the evaluation's neighbourhood prompts, built from
+    the run's own subjects, are never among them.
+    """
+
+    def __init__(self, cfg: EditLossConfig, languages: list[str]) -> None:
+        self.cfg = cfg
+        self.languages = languages
+        if cfg.neighbour_subjects:
+            text = Path(cfg.neighbour_subjects).read_text(encoding="utf-8")
+        else:
+            text = resources.files("mke_lightning.data").joinpath("neighbour_subjects.json").read_text(encoding="utf-8")
+        self.names: dict[str, list[str]] = json.loads(text)
+        self.excluded: set[str] = set()
+
+    def exclude(self, subjects) -> None:
+        """Never use these names (the subjects of the run's records, in any language)."""
+        self.excluded |= {s.strip().casefold() for s in subjects if s}
+
+    def prompts(self, record: EditRecord) -> list[str]:
+        """The record's training prompts with the subject replaced (none where the subject is not in the prompt)."""
+        out = []
+        for lang in self.languages:
+            if lang not in record.languages:
+                continue
+            facts = record.facts(lang)
+            if not facts.subject or facts.subject not in facts.prompt:
+                continue
+            pool = [n for n in self.names.get(lang, []) if n.casefold() not in self.excluded
+                    and n.casefold() != facts.subject.casefold()]
+            start = zlib.crc32(f"{record.id}/{lang}".encode()) % max(len(pool), 1)
+            picked = [pool[(start + i) % len(pool)] for i in range(min(self.cfg.neighbours, len(pool)))]
+            out += [facts.prompt.replace(facts.subject, name) for name in picked]
+        return out
+
+    @torch.no_grad()
+    def rows(self, model, tokenizer, records: list[EditRecord], device) -> tuple[list[list[int]], torch.Tensor | None]:
+        """Token rows of the records' neighbour prompts and their pre-edit log-probs ``[N, V]`` at the last position."""
+        if self.cfg.neighbour_weight <= 0:
+            return [], None
+        ids = [encode_prompt(tokenizer, p) for r in records for p in self.prompts(r)]
+        if not ids:
+            return [], None
+        batch = pack(ids, [[0]] * len(ids), tokenizer.pad_token_id).to(device)
+        return ids, torch.log_softmax(kept_logits(model, batch)[:, -1].float(), -1)
+
+
+def kl_from(logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(pre || now) mean over rows: ``logp`` ``[N, V]`` pre-edit log-probs, ``logits`` ``[N, V]`` now."""
+    post = torch.log_softmax(logits.float(), -1)  # [N, V]
+    return (logp.exp() * (logp - post)).sum(-1).mean()
