@@ -4,13 +4,46 @@ and, for tests marked ``real_model``, the embedded Gemma 3 270M."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+DEFAULT_SHARED_DATA = REPO.parent / "shared" / "data"
+DATA_DIR_VARIABLE = "MKE_DATA_DIR"  # where the benchmark files are, when not ../shared/data
+REQUIRE_DATA_VARIABLE = "MKE_REQUIRE_DATA"  # "1": a test whose benchmark files are missing fails, not skips
+
+
+def _shared_data_dir() -> Path:
+    """The benchmark folder: $MKE_DATA_DIR if set, else ../shared/data beside the checkout."""
+    chosen = os.environ.get(DATA_DIR_VARIABLE, "").strip()
+    return Path(chosen).expanduser().resolve() if chosen else DEFAULT_SHARED_DATA
+
+
+SHARED_DATA = _shared_data_dir()
+BENCHMARKS = ("mzsre", "bi-zsre", "mlake", "mquake", "zsre")  # the folders the data tests read
+
+
+def _data_required() -> bool:
+    return os.environ.get(REQUIRE_DATA_VARIABLE, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def require_data(relative: str = "") -> Path:
+    """The benchmark path ``SHARED_DATA / relative``; skips the calling test when it is absent
+    (fails instead when $MKE_REQUIRE_DATA=1, as CI sets it), with a reason naming where it looked."""
+    path = SHARED_DATA / relative if relative else SHARED_DATA
+    if path.exists():
+        return path
+    if os.environ.get(DATA_DIR_VARIABLE, "").strip():
+        where = f"${DATA_DIR_VARIABLE} is {os.environ[DATA_DIR_VARIABLE]}; unset, the tests look in ../shared/data beside the checkout"
+    else:
+        where = f"${DATA_DIR_VARIABLE} is unset, so the tests look in ../shared/data beside the checkout; set it to the folder holding {', '.join(BENCHMARKS)}"
+    reason = f"benchmark data not found at {path} ({where})"
+    if _data_required():
+        pytest.fail(f"{reason}; ${REQUIRE_DATA_VARIABLE}=1 makes missing benchmark data a failure", pytrace=False)
+    pytest.skip(reason)
 
 
 def _tokenizer_files(folder: Path, vocab_words: list[str]) -> None:
@@ -129,9 +162,8 @@ def real_model():
 
 @pytest.fixture(scope="session")
 def mzsre_dir() -> Path:
-    folder = SHARED_DATA / "mzsre"
-    assert folder.is_dir(), f"MzsRE data not found at {folder} (expected ../shared/data beside the checkout)"
-    return folder
+    """The MzsRE benchmark folder (skips the test when absent, see ``require_data``)."""
+    return require_data("mzsre")
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -141,6 +173,8 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The real benchmark files (../shared/data beside the checkout; never copied into the repo)."""
-    assert SHARED_DATA.is_dir(), f"benchmark data not found at {SHARED_DATA} (expected ../shared/data beside the checkout)"
+    """The real benchmark files ($MKE_DATA_DIR, else ../shared/data beside the checkout; never copied
+    into the repo). Skips the test when absent, see ``require_data``."""
+    for benchmark in BENCHMARKS:
+        require_data(benchmark)
     return SHARED_DATA

@@ -14,7 +14,6 @@ from mke_lightning.data import EditDataModule, demo_records, read_jsonl, read_mz
 from mke_lightning.data.datamodule import EditBatch
 from mke_lightning.records import EditRecord, LanguageFacts, Probe, RecordError
 
-MZSRE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mzsre"
 MZSRE_LANGUAGES = {"en", "cs", "de", "nl", "es", "fr", "pt", "ru", "th", "tr", "vi", "zh"}
 DEMO_LANGUAGES = {"en", "de", "fr", "es", "ru", "zh"}
 
@@ -22,14 +21,7 @@ DEMO_LANGUAGES = {"en", "de", "fr", "es", "ru", "zh"}
 # ---------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="module")
-def mzsre_dir() -> Path:
-    if not MZSRE_DIR.is_dir():
-        pytest.fail(
-            f"MzsRE test data not found at {MZSRE_DIR}: the tests expect the shared data "
-            "folder beside the checkout (../shared/data/mzsre from the repository root)"
-        )
-    return MZSRE_DIR
+# mzsre_dir: tests/conftest.py (skips when the benchmark files are absent)
 
 
 @pytest.fixture(scope="module")
