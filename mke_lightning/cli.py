@@ -21,6 +21,9 @@ from mke_lightning.trainer import MKETrainer
 
 class MKECLI(LightningCLI):
     def __init__(self, *args, trainer_class=MKETrainer, **kwargs) -> None:
+        from jsonargparse import set_parsing_settings
+
+        set_parsing_settings(docstring_parse_attribute_docstrings=True)  # --help shows each config field's docstring
         super().__init__(*args, trainer_class=trainer_class, **kwargs)
 
     @staticmethod

@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
 from mke_lightning.architectures import ArchSpec, neuron_dim, num_neurons
 from mke_lightning.neuron_delta import NeuronDelta, OnTop, Restore, can_write_in_place
-from mke_lightning.neurons import CATEGORIES, NeuronMask
+from mke_lightning.neurons import CATEGORIES, Category, NeuronMask
 
-APPLY_MODES = ("auto", "merge", "on_top")
+ApplyMode = Literal["auto", "merge", "on_top"]
+APPLY_MODES: tuple[str, ...] = get_args(ApplyMode)
 
 
 @dataclass
@@ -51,9 +53,9 @@ class LoRAConfig:
     """W += merge_scale x (B A) when the edit is merged (MEMLA's fixed 0.5)."""
     max_neuron_norm: float | None = None
     """If set, each neuron's value-vector update is clamped to this L2 norm, in training and at merge."""
-    categories: list[str] = field(default_factory=lambda: list(CATEGORIES))
+    categories: list[Category] = field(default_factory=lambda: list(CATEGORIES))
     """Neuron categories that get an adapter (drop one for an ablation)."""
-    apply: str = "auto"
+    apply: ApplyMode = "auto"
     """How a trained edit reaches the model: ``merge`` (written into the weights, undone exactly),
     ``on_top`` (added by forward hooks, weights untouched) or ``auto`` (merge where the weights
     can be written in place, on top where they are int8 or partitioned)."""

@@ -12,11 +12,12 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
-CATEGORIES = ("independent", "specific")
+Category = Literal["independent", "specific"]
+CATEGORIES: tuple[str, ...] = get_args(Category)
 """MEMLA's two neuron categories: language-independent (shared by the cross
 languages) and language-specific (the edit language's own)."""
 

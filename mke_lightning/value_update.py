@@ -28,7 +28,7 @@ from torch import nn
 
 from mke_lightning.architectures import ArchSpec, neuron_dim, num_neurons, weight_shape
 from mke_lightning.neuron_delta import NeuronDelta
-from mke_lightning.neurons import CATEGORIES, NeuronMask
+from mke_lightning.neurons import CATEGORIES, Category, NeuronMask
 
 
 @dataclass
@@ -37,7 +37,7 @@ class ValueUpdateConfig:
 
     layers: list[int] | None = None
     """Update every neuron of these layers (FT-L); null: the located neurons of ``categories``."""
-    categories: list[str] = field(default_factory=lambda: ["independent"])
+    categories: list[Category] = field(default_factory=lambda: ["independent"])
     """Located neuron categories updated when ``layers`` is null (LAFN's neurons are the independent set)."""
     max_neuron_norm: float | None = None
     """If set, each neuron's update is scaled back to this L2 norm after every step."""

@@ -90,3 +90,13 @@ def test_the_top_level_names_import_lazily():
             "assert KnowledgeEditor.__module__ == 'mke_lightning.editor' and register_method is m.methods.register")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_fit_help_shows_the_config_fields_docstrings_and_choices():
+    done = subprocess.run([sys.executable, "-m", "mke_lightning.cli", "fit", "--model.lora.help", "LoRAConfig"],
+                          capture_output=True, text=True, cwd=REPO)
+    if done.returncode != 0:  # no __main__ in the module: the console script
+        done = subprocess.run([str(Path(sys.executable).parent / "mke"), "fit", "--model.lora.help", "LoRAConfig"],
+                              capture_output=True, text=True, cwd=REPO)
+    assert "LoRA rank per layer = rank_factor x located neurons" in done.stdout
+    assert "{auto,merge,on_top}" in done.stdout
