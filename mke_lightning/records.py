@@ -270,17 +270,42 @@ def check_language_code(code: Any, ctx_field: str, ctx: _Ctx) -> str:
     return code
 
 
+def _json_kind(value: Any) -> str:
+    """How a decoded JSON value reads in the file (``null``, ``true``, ``a number 1.5``, ``an object``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"the number {value!r}"
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__
+
+
+def id_problem(obj: Mapping[str, Any], key: str) -> str | None:
+    """What is wrong with ``obj[key]`` as a record id (a non-empty string or an integer), or ``None``."""
+    if key not in obj:
+        return f"is missing: give each record a unique '{key}' (a string or an integer)"
+    value = obj[key]
+    if isinstance(value, str):
+        return None if value.strip() else f"is empty: give each record a unique '{key}' (a string or an integer)"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None
+    return f"must be a string or an integer, got {_json_kind(value)}: write it as e.g. \"r1\" or 1"
+
+
 def record_from_dict(obj: Any, *, source: str | None = None, index: int | None = None) -> EditRecord:
     """Parse one native record (see docs/data.md); raises :class:`RecordError`."""
     ctx = _Ctx(source, index, None)
     if not isinstance(obj, Mapping):
         raise ctx.error("<record>", f"must be a JSON object, got {type(obj).__name__}")
-    rid = obj.get("id")
-    if isinstance(rid, int) and not isinstance(rid, bool):
-        rid = str(rid)
-    if not isinstance(rid, str) or not rid.strip():
-        raise ctx.error("id", "is missing or empty")
-    rid = rid.strip()
+    problem = id_problem(obj, "id")
+    if problem is not None:
+        raise ctx.error("id", problem)
+    rid = str(obj["id"]).strip()
     ctx.record_id = rid
     case = obj.get("case")
     if case is not None and (not isinstance(case, str) or not case.strip()):

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mke_lightning.records import RecordError, is_language_code
+from mke_lightning.records import RecordError, id_problem, is_language_code
 
 # The zsRE-family English locality questions keep the Natural Questions task
 # prefix ("nq question: who sang ..."); translations dropped it. Stripped so
@@ -28,10 +28,10 @@ class Where:
 
     def identifier(self, item: dict[str, Any], field: str) -> str:
         """A record's own id field (a non-empty string or an integer), stripped."""
-        value = item.get(field)
-        if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip():
-            raise self.error(field, "is missing or empty" if value in (None, "") else "must be a string or an integer")
-        return str(value).strip()
+        problem = id_problem(item, field)
+        if problem is not None:
+            raise self.error(field, problem)
+        return str(item[field]).strip()
 
     def obj(self, value: Any, field: str) -> dict[str, Any]:
         """``value`` as a JSON object."""

@@ -117,7 +117,7 @@ class ItemFile:
                 if not raw.strip():
                     continue  # blank lines are not records
                 index = self._add(start, offset, lineno)
-                yield index, _decode_line(raw, self.path, index, lineno)
+                yield index, _decode_line(raw, self.path, index, lineno, start)
 
     def _scan_array(self) -> Iterator[tuple[int, Any]]:
         with open(self.path, "rb") as fh:
@@ -133,10 +133,12 @@ class ItemFile:
             else:
                 while True:
                     index = len(self.starts)
+                    cur.item = index  # a bad byte met from here on lies in this record
                     cur.peek()  # to the item's first character
                     start, line = cur.byte, cur.line
                     value = cur.value(index)
                     self._add(start, cur.byte, line)
+                    cur.item = index + 1  # between records: name the one that follows
                     yield index, value
                     nxt = cur.peek()
                     if nxt == ",":
@@ -150,17 +152,24 @@ class ItemFile:
                 raise cur.error("extra data after the closing ']'", None)
 
 
-def _decode_line(raw: bytes, source: str, index: int, lineno: int) -> Any:
+def _decode_line(raw: bytes, source: str, index: int, lineno: int, start: int) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return BadItem(RecordError(f"not valid UTF-8: {exc.reason} at byte {exc.start}", source=source, index=index, line=lineno))
+        return BadItem(RecordError(_bad_utf8(exc, start + exc.start, f"offset {exc.start} within the line"),
+                                   source=source, index=index, line=lineno))
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         return BadItem(
             RecordError(f"invalid JSON at line {lineno}, column {exc.colno}: {exc.msg}", source=source, index=index)
         )
+
+
+def _bad_utf8(exc: UnicodeDecodeError, offset: int, detail: str) -> str:
+    bad = exc.object[exc.start:exc.end]
+    return (f"not valid UTF-8 at byte offset {offset} ({detail}): byte {bad.hex(' ')} ({exc.reason}); "
+            "save the file as UTF-8 (e.g. iconv -f <its encoding> -t UTF-8)")
 
 
 class _Cursor:
@@ -177,17 +186,29 @@ class _Cursor:
         self.char = 0  # character offset of text[pos] in the file
         self.line_char = 0  # character offset where the current line starts
         self.eof = False
+        self.read = 0  # bytes read from the file so far
+        self.item: int | None = None  # the record being read (named when a bad byte is met)
+        self.bad: RecordError | None = None  # an invalid byte ahead: raised once the text before it is used up
 
     def fill(self) -> bool:
         """Append the next chunk; False at the end of the file."""
+        if self.bad is not None:
+            # The text before the bad byte is used up: the record being read holds it.
+            raise self.bad.replace(index=self.item, line=self.line + self.text.count("\n", self.pos))
         if self.eof:
             return False
+        pending = self.decoder.getstate()[0]  # the start of a character cut by the previous chunk
         chunk = self.fh.read(CHUNK)
+        start, self.read = self.read - len(pending), self.read + len(chunk)
         self.eof = not chunk
         try:
             more = self.decoder.decode(chunk, final=self.eof)
         except UnicodeDecodeError as exc:
-            raise RecordError(f"not valid UTF-8 near byte {self.byte}: {exc.reason}", source=self.source) from None
+            # Keep the good text before the bad byte, so that scanning goes on up to it and
+            # the error can name the record it falls in (``exc.object`` is ``pending + chunk``).
+            more = exc.object[:exc.start].decode("utf-8")
+            self.bad = RecordError(_bad_utf8(exc, start + exc.start, "counted from 0 at the start of the file"), source=self.source)
+            self.eof = True
         if self.pos > CHUNK:  # drop text already read, so the buffer stays about one chunk
             self.text, self.pos = self.text[self.pos:], 0
         self.text += more
