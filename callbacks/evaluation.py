@@ -15,6 +15,7 @@ from mke_lightning.callbacks._protocol import languages_of, model_and_tokenizer
 from mke_lightning.evaluation import MEASURES, EditEvaluator, Item, build_items, target_group
 from mke_lightning.localization import LocalizationConfig
 from mke_lightning.metrics import PROTOCOLS
+from mke_lightning.neighbourhood import NeighbourhoodConfig, NeighbourPool
 from mke_lightning.perplexity import PerplexityConfig, PerplexityProbe, load_sample, ratios
 from mke_lightning.report import format_retention_table, format_table, legend, write_reports
 from mke_lightning.report_plots import plot_heatmap
@@ -57,6 +58,12 @@ class EditEvaluation(L.Callback):
     takes the pre-edit perplexity from the checkpoint (the model may already
     hold re-applied edits), so its files are those of a run never stopped.
 
+    Neighbourhood (the ``neighborhood`` measure): each edit's question asked
+    about other subjects of the run, ``neighbourhood.per_edit`` neighbour
+    records chosen by a seeded rule from the DataModule's ``all_records`` (or
+    ``records``), scored as locality against the pre-edit model
+    (:mod:`mke_lightning.neighbourhood`).
+
     Works on any LightningModule that offers ``causal_lm`` (or
     ``get_causal_lm()``) and ``tokenizer``, with a DataModule offering
     ``records``, ``edit_language`` and ``eval_languages``
@@ -76,11 +83,12 @@ class EditEvaluation(L.Callback):
         plots: bool = True,
         plot_protocols: list[str] | None = None,
         retention_every_n_edits: int | None = None,
+        neighbourhood: NeighbourhoodConfig | None = None,
     ) -> None:
         """
         Args:
             measures: which measures to evaluate (default all: reliability, generality, locality,
-                locality_gold, portability, multi_hop).
+                locality_gold, neighborhood, portability, multi_hop).
             batch_rows: prompts (and teacher-forced rows) per forward pass.
             max_new_tokens: cap on the greedy generation length.
             perplexity: downstream impact settings (text sample, languages, how often); default on.
@@ -92,6 +100,7 @@ class EditEvaluation(L.Callback):
             plot_protocols: one heatmap per protocol (default token_acc, gen_em).
             retention_every_n_edits: sequential protocol only: also re-score every edit done so far
                 after each K-th edit (``None``: only once, at the end of fit, which always happens).
+            neighbourhood: the ``neighborhood`` measure's settings (neighbours per edit, seed).
         """
         self.measures = tuple(measures or MEASURES)
         unknown = set(self.measures) - set(MEASURES)
@@ -107,6 +116,9 @@ class EditEvaluation(L.Callback):
         if retention_every_n_edits is not None and (isinstance(retention_every_n_edits, bool) or retention_every_n_edits < 1):
             raise ValueError(f"EditEvaluation: retention_every_n_edits must be >= 1 or None, got {retention_every_n_edits!r}")
         self.retention_every_n_edits = retention_every_n_edits
+        self.neighbourhood = neighbourhood or NeighbourhoodConfig()
+        self._measures_asked = self.measures  # a resume from an older checkpoint may drop neighborhood for that fit
+        self._pool: NeighbourPool | None = None
         self.batch_rows = batch_rows
         self.max_new_tokens = max_new_tokens
         self.perplexity = perplexity or PerplexityConfig()
@@ -147,11 +159,13 @@ class EditEvaluation(L.Callback):
         self._sequential = stage == "fit" and getattr(pl_module, "protocol", None) == "sequential"
         self.retention, self.retention_rows, self._done, self._passed = [], [], [], 0
         resume, self._resume = (self._resume if stage == "fit" else None), None
+        self.measures = self._measures_asked
         cfg = self.perplexity
         sample = load_sample(cfg.path) if cfg.enabled else {}
         self._ppl_langs = (cfg.languages or [l for l in self.eval_langs if l in sample]) if cfg.enabled else []
         if resume is not None:
             self._check_resumable(resume)
+        self._pool = self._neighbour_pool(trainer) if "neighborhood" in self.measures else None
         if self._ppl_langs:
             self._probe = PerplexityProbe(tokenizer, sample, self._ppl_langs, cfg)
             if resume is not None:  # the model may hold re-applied edits (sequential): the saved one is the pre-edit one
@@ -172,12 +186,33 @@ class EditEvaluation(L.Callback):
                            "that run?); the results cover only the edits made from here on")
         self._fit_set_up = stage == "fit"
 
+    def _neighbour_pool(self, trainer) -> NeighbourPool | None:
+        """The run's records (every rank's, the same pool everywhere) indexed for neighbour prompts."""
+        dm = trainer.datamodule
+        records = getattr(dm, "all_records", None)
+        if records is None:
+            records = getattr(dm, "records", None)
+        if records is None:
+            rank_zero_warn("EditEvaluation: the DataModule offers no `all_records` or `records`: no neighbour "
+                           "records to draw from, so no neighborhood measure")
+            return None
+        start = time.perf_counter()
+        pool = NeighbourPool(records, self.eval_langs, self.edit_lang, self.neighbourhood)
+        rank_zero_info(f"neighbourhood: {len(pool)} records to draw {self.neighbourhood.per_edit} neighbours per edit "
+                       f"from (seed {self.neighbourhood.seed}; {time.perf_counter() - start:.1f} s)")
+        return pool
+
     # -- scoring --------------------------------------------------------------
+    def _items(self, record) -> list[Item]:
+        """The record's items; with the pool, its neighbourhood items too."""
+        neighbours = self._pool.prompts(record) if self._pool is not None else None
+        return build_items(record, self.eval_langs, self.measures, neighbours)
+
     def _references(self, pl_module, batch) -> None:
         model, _ = model_and_tokenizer(pl_module, "EditEvaluation")
         for record in batch:
             start = time.perf_counter()
-            items = build_items(record, self.eval_langs, self.measures)
+            items = self._items(record)
             self._pending[record.id] = (items, self.evaluator.references(model, items))
             self.seconds[record.id] = time.perf_counter() - start
 
@@ -191,7 +226,7 @@ class EditEvaluation(L.Callback):
                 if record.id in self._pending:
                     items, refs = self._pending.pop(record.id)
                 else:
-                    items = build_items(record, self.eval_langs, self.measures)
+                    items = self._items(record)
                     refs = self.evaluator.references(model, items)
                 rows = self.evaluator.score(model, items, refs)
                 groups = {lang: target_group(record, self.edit_lang, lang) for lang in dict.fromkeys(it.lang for it in items)}
@@ -332,6 +367,7 @@ class EditEvaluation(L.Callback):
             "settings": self._settings(),
             "ranks": _gather_parts(part),
             "aggregate": self.aggregate.saved_states(),
+            "aggregate_measures": list(self.aggregate.measures),  # the states' measure axis
             "retention": self.retention,  # the passes' summaries, synced: the same on every rank
         }
 
@@ -346,11 +382,21 @@ class EditEvaluation(L.Callback):
 
     def _settings(self) -> dict:
         """What the saved figures depend on: a resumed run must have the same."""
-        return {"edit_language": self.edit_lang, "eval_languages": list(self.eval_langs), "measures": list(self.measures),
-                "perplexity_languages": list(self._ppl_langs), "sequential": self._sequential}
+        out = {"edit_language": self.edit_lang, "eval_languages": list(self.eval_langs), "measures": list(self.measures),
+               "perplexity_languages": list(self._ppl_langs), "sequential": self._sequential}
+        if "neighborhood" in self.measures:
+            out["neighbourhood"] = asdict(self.neighbourhood)
+        return out
 
     def _check_resumable(self, state: dict) -> None:
-        saved, now = state["settings"], self._settings()
+        saved = state["settings"]
+        if "neighborhood" in self.measures and "neighborhood" not in saved.get("measures", []):
+            # a checkpoint from before the measure (or from a run without it): its edits have no neighbourhood
+            # figures, so this fit goes on without the measure rather than report it for part of the edits
+            rank_zero_warn("EditEvaluation: the checkpoint's evaluation has no neighborhood measure; the resumed "
+                           "run goes on without it (start afresh for neighbourhood figures)")
+            self.measures = tuple(m for m in self.measures if m != "neighborhood")
+        now = self._settings()
         changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
         if changed:
             raise ValueError("EditEvaluation: the checkpoint's evaluation was made with other settings ("
@@ -386,7 +432,7 @@ class EditEvaluation(L.Callback):
         self._passed = sum(rid in retained for rid, *_ in self._done)
         self.retention = list(state["retention"])
         if trainer.global_rank == 0:  # the sum over the ranks, once: the final sync adds the other ranks' new edits
-            self.aggregate.add_states(state["aggregate"])
+            self.aggregate.add_states(state["aggregate"], state.get("aggregate_measures"))
         rank_zero_info(f"evaluation of {len(saved_ids)} edits restored from the checkpoint")
         resumed = {o.record_id for o in getattr(pl_module, "resumed", None) or []}
         if resumed and resumed != saved_ids:
@@ -448,6 +494,7 @@ class EditEvaluation(L.Callback):
             "eval_seconds_per_edit_median_rank0": round(seconds[len(seconds) // 2], 3) if seconds else None,
             "perplexity": {"every_n_edits": self.perplexity.every_n_edits, "texts_per_language": self.perplexity.texts_per_language,
                            "max_tokens": self.perplexity.max_tokens, "sample": self.perplexity.path or "packaged"},
+            **({"neighbourhood": {**asdict(self.neighbourhood), "pool_records": len(self._pool)}} if self._pool is not None else {}),
             **_picked(_with_localization(info, trainer), "settings"),
         }
         retention = None

@@ -16,7 +16,9 @@ post-/pre-edit perplexity ratios.
 
 A checkpoint keeps the states summed over the ranks (:meth:`EvalAggregate.saved_states`);
 a resumed run adds them to one rank's states (:meth:`EvalAggregate.add_states`),
-so the next sync sums the edits before and after the restart.
+so the next sync sums the edits before and after the restart. States saved
+before the ``neighborhood`` measure existed (one measure fewer) are placed by
+measure name.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from mke_lightning.evaluation import GROUPS, MEASURES
 from mke_lightning.metrics import PROTOCOLS
 
 AVERAGES = ("all_languages", "non_edit_languages")
+# the measure axis of states saved before ``neighborhood`` was added (older checkpoints)
+MEASURES_BEFORE_NEIGHBORHOOD = ("reliability", "generality", "locality", "locality_gold", "portability", "multi_hop")
 DIGITS = 4  # reported precision: sums over ranks agree to ~1e-15, far below it
 
 
@@ -100,9 +104,27 @@ class EvalAggregate(Metric):
         with self.sync_context():
             return {name: value.detach().cpu().clone() for name, value in self.metric_state.items()}
 
-    def add_states(self, states: dict[str, torch.Tensor]) -> None:
-        """Add states from :meth:`saved_states` (of a run with the same languages) to this rank's."""
+    def add_states(self, states: dict[str, torch.Tensor], measures: list[str] | None = None) -> None:
+        """Add states from :meth:`saved_states` (of a run with the same languages) to this rank's.
+
+        ``measures`` names the saved measure axis (default: this version's ``MEASURES``, or, for a
+        checkpoint with one measure fewer, the measures before ``neighborhood``)."""
         own = self.metric_state
+        states = dict(states)
+        width = len(self.measures)
+        if measures is None and states.get("sums") is not None and states["sums"].dim() == 3 \
+                and states["sums"].shape[1] == len(MEASURES_BEFORE_NEIGHBORHOOD) != width:
+            measures = list(MEASURES_BEFORE_NEIGHBORHOOD)
+        if measures is not None and list(measures) != self.measures:
+            unknown = set(measures) - set(self.measures)
+            if unknown:
+                raise ValueError(f"saved evaluation states hold measures {sorted(unknown)} this version does not know")
+            where = torch.tensor([self.measures.index(m) for m in measures])
+            for name in ("sums", "counts"):  # [S, M_saved, P] -> [S, M, P], zeros for the measures it lacks
+                if name in states and states[name].dim() == 3 and states[name].shape[1] == len(measures):
+                    full = torch.zeros(states[name].shape[0], width, states[name].shape[2], dtype=states[name].dtype)
+                    full[:, where] = states[name]
+                    states[name] = full
         if set(states) != set(own) or any(states[k].shape != own[k].shape for k in own):
             raise ValueError(f"saved evaluation states {sorted(states)} do not fit this run's ({len(self.languages)} languages)")
         for name, value in own.items():

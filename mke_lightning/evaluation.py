@@ -7,6 +7,9 @@ Measures per language (``MEASURES``):
 * ``locality``: unrelated prompts, scored against the pre-edit model's own
   greedy continuation (agreement: did the edit leave them alone?);
 * ``locality_gold``: the same prompts against their gold answer;
+* ``neighborhood``: the edit's question about other subjects of the run
+  (:mod:`mke_lightning.neighbourhood`), scored as ``locality`` against the
+  pre-edit model's own continuation (as many tokens as the edit's new target);
 * ``portability``: questions whose answer follows from the edit;
 * ``multi_hop``: questions tied to the edit (MLaKE multi-hop, MQuAKE), whose
   answer changes with it; the headline protocol is ``gen_em`` with aliases.
@@ -20,11 +23,14 @@ through the model once, ``batch_rows`` prompts per padded batch; its targets
 (new, old, locality reference) are scored and its greedy continuation
 decoded from that pass's KV cache, each continuation leaving the batch when
 it reaches its own length or an end token. Identical rows run once.
+Neighbourhood items go through passes of their own, so that the batches of
+the other measures (and their figures) are those of a run without them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import torch
 
@@ -33,11 +39,14 @@ from mke_lightning.records import EditRecord, join_prompt
 from mke_lightning.prefix_scoring import TargetScore, prefill, score_and_continue, score_targets
 from mke_lightning.scoring import encode_continuation, encode_prompt
 
-MEASURES = ("reliability", "generality", "locality", "locality_gold", "portability", "multi_hop")
+MEASURES = ("reliability", "generality", "locality", "locality_gold", "neighborhood", "portability", "multi_hop")
+# measures scored against the pre-edit model's own continuation (a reference taken before the edit)
+REFERENCE_MEASURES = ("locality", "neighborhood")
+_APART = ("neighborhood",)  # measures scored in passes of their own
 GROUPS = ("edit", "identical", "translated")
 _EXTRA_GEN_TOKENS = 2  # room to see where the answer's word ends, or a word the model spells in more tokens
 
-__all__ = ["MEASURES", "GROUPS", "Item", "ScorePlan", "build_items", "EditEvaluator", "target_group", "normalize", "starts_with_answer"]
+__all__ = ["MEASURES", "REFERENCE_MEASURES", "GROUPS", "Item", "ScorePlan", "build_items", "EditEvaluator", "target_group", "normalize", "starts_with_answer"]
 
 
 @dataclass(frozen=True)
@@ -63,8 +72,15 @@ class ScorePlan:
     prompt_widths: dict[tuple, int]  # distinct prompt -> the widest of its items' widths
 
 
-def build_items(record: EditRecord, eval_languages: list[str], measures: tuple[str, ...] = MEASURES) -> list[Item]:
-    """The items of one record in each evaluation language, for the chosen measures."""
+def build_items(record: EditRecord, eval_languages: list[str], measures: tuple[str, ...] = MEASURES,
+                neighbours: Mapping[str, Sequence] | None = None) -> list[Item]:
+    """The items of one record in each evaluation language, for the chosen measures.
+
+    ``neighbours``: per language, the record's neighbour prompts (a prompt, or a tuple whose first
+    element is the prompt: :meth:`~mke_lightning.neighbourhood.NeighbourPool.prompts`); without
+    them there is no ``neighborhood`` item. Each one's teacher-forced answer is the record's new
+    target, which only sets the length of the pre-edit reference.
+    """
     unknown = set(measures) - set(MEASURES)
     if unknown:
         raise ValueError(f"unknown measures {sorted(unknown)}; choose from {list(MEASURES)}")
@@ -81,6 +97,9 @@ def build_items(record: EditRecord, eval_languages: list[str], measures: tuple[s
                 items.append(Item(lang, "locality", probe.prompt, probe.answers))
             if "locality_gold" in measures:
                 items.append(Item(lang, "locality_gold", probe.prompt, probe.answers))
+        if "neighborhood" in measures and neighbours:
+            for entry in neighbours.get(lang, ()):
+                items.append(Item(lang, "neighborhood", entry if isinstance(entry, str) else entry[0], (f.target_new,)))
         if "portability" in measures:
             items += [Item(lang, "portability", p.prompt, p.answers) for p in f.portability]
         if "multi_hop" in measures:
@@ -120,23 +139,33 @@ class EditEvaluator:
     def _width(self, item: Item, target: list[int]) -> int:
         """How many tokens to generate for ``item``: its longest answer (or reference) plus two, capped."""
         longest = len(target)
-        if item.measure != "locality":  # an alias may be longer than the answer
+        if item.measure not in REFERENCE_MEASURES:  # an alias may be longer than the answer
             longest = max(longest, *(len(self._target(item, a)[1]) for a in item.answers[1:]), 0)
         return min(longest + _EXTRA_GEN_TOKENS, self.max_new_tokens)
 
+    @staticmethod
+    def _passes(items: list[Item]) -> list[list[int]]:
+        """Item indices per pass: the measures of ``_APART`` (one pass each), then all the others."""
+        passes = [[i for i, it in enumerate(items) if it.measure not in _APART]]
+        passes += [[i for i, it in enumerate(items) if it.measure == m] for m in _APART]
+        return [p for p in passes if p]
+
     @torch.no_grad()
     def references(self, model, items: list[Item]) -> dict[int, list[int]]:
-        """Pre-edit greedy continuation of each locality item: as many tokens as its gold
-        answer, or fewer ending with the end token where the model stops earlier."""
-        loc = [i for i, it in enumerate(items) if it.measure == "locality"]
-        if not loc:
-            return {}
-        enc = [self._target(items[i], items[i].answers[0]) for i in loc]
-        width: dict[tuple, int] = {}
-        for p, t in enc:  # items of one prompt share its continuation
-            width[tuple(p)] = max(width.get(tuple(p), 0), len(t))
-        gens = self._run(model, [], width, keep_end=True)[1]
-        refs = {i: gens[tuple(p)][: len(t)] for i, (p, t) in zip(loc, enc)}
+        """Pre-edit greedy continuation of each locality and neighbourhood item: as many tokens as its
+        first answer (locality: the gold answer; neighbourhood: the edit's new target), or fewer ending
+        with the end token where the model stops earlier."""
+        refs: dict[int, list[int]] = {}
+        for part in self._passes(items):
+            loc = [i for i in part if items[i].measure in REFERENCE_MEASURES]
+            if not loc:
+                continue
+            enc = [self._target(items[i], items[i].answers[0]) for i in loc]
+            width: dict[tuple, int] = {}
+            for p, t in enc:  # items of one prompt share its continuation
+                width[tuple(p)] = max(width.get(tuple(p), 0), len(t))
+            gens = self._run(model, [], width, keep_end=True)[1]
+            refs.update({i: gens[tuple(p)][: len(t)] for i, (p, t) in zip(loc, enc)})
         empty = [i for i, r in refs.items() if not r]
         if empty:
             raise ValueError(f"no pre-edit continuation for locality items {empty} (the tokenizer has no end token?)")
@@ -144,13 +173,13 @@ class EditEvaluator:
 
     def plan(self, items: list[Item], refs: dict[int, list[int]]) -> ScorePlan:
         """What scoring ``items`` asks of the model: the teacher-forced rows and each prompt's generation width."""
-        missing = [i for i, it in enumerate(items) if it.measure == "locality" and i not in refs]
+        missing = [i for i, it in enumerate(items) if it.measure in REFERENCE_MEASURES and i not in refs]
         if missing:
             raise ValueError(f"locality items {missing} have no pre-edit reference: call references() before the edit")
         enc = [self._target(it, it.answers[0]) for it in items]
         prompts = [tuple(p) for p, _ in enc]
-        targets = [tuple(refs[i]) if it.measure == "locality" else tuple(t) for i, (it, (_, t)) in enumerate(zip(items, enc))]
-        olds = {i: tuple(self._target(it, it.old)[1]) for i, it in enumerate(items) if it.old and it.measure != "locality"}
+        targets = [tuple(refs[i]) if it.measure in REFERENCE_MEASURES else tuple(t) for i, (it, (_, t)) in enumerate(zip(items, enc))]
+        olds = {i: tuple(self._target(it, it.old)[1]) for i, it in enumerate(items) if it.old and it.measure not in REFERENCE_MEASURES}
         widths = [self._width(it, list(t)) for it, t in zip(items, targets)]
         prompt_widths: dict[tuple, int] = {}
         for p, w in zip(prompts, widths):  # locality and locality_gold share prompts
@@ -162,15 +191,23 @@ class EditEvaluator:
     def score(self, model, items: list[Item], refs: dict[int, list[int]]) -> list[dict]:
         """One row per item: ``eval_lang``, ``measure`` and a value per protocol (``prob`` may be ``None``).
 
-        Each distinct prompt goes through the model once; its targets (new, old,
-        locality reference) are scored and its continuation generated from
-        that one pass (:mod:`mke_lightning.prefix_scoring`).
+        Each distinct prompt goes through the model once per pass; its targets
+        (new, old, locality reference) are scored and its continuation
+        generated from that one pass (:mod:`mke_lightning.prefix_scoring`).
+        Neighbourhood items are scored in a pass of their own.
         """
-        if not items:
-            return []
-        plan = self.plan(items, refs)
-        scores, gens = self._run(model, plan.rows, plan.prompt_widths)
-        return self.rows(model, items, refs, plan, scores, gens)
+        missing = [i for i, it in enumerate(items) if it.measure in REFERENCE_MEASURES and i not in refs]
+        if missing:
+            raise ValueError(f"locality items {missing} have no pre-edit reference: call references() before the edit")
+        out: list[dict | None] = [None] * len(items)
+        for part in self._passes(items):
+            sub = [items[i] for i in part]
+            sub_refs = {k: refs[i] for k, i in enumerate(part) if i in refs}
+            plan = self.plan(sub, sub_refs)
+            scores, gens = self._run(model, plan.rows, plan.prompt_widths)
+            for i, row in zip(part, self.rows(model, sub, sub_refs, plan, scores, gens)):
+                out[i] = row
+        return out  # type: ignore[return-value]
 
     def rows(self, model, items: list[Item], refs: dict[int, list[int]], plan: ScorePlan,
              scores: dict[tuple, TargetScore], gens: dict[tuple, list[int]]) -> list[dict]:
@@ -183,7 +220,7 @@ class EditEvaluator:
         for i, it in enumerate(items):
             res = scores[(prompts[i], targets[i])]
             gen = gens[prompts[i]][: widths[i]]  # greedy: the item's own width is a prefix of the prompt's
-            if it.measure == "locality":
+            if it.measure in REFERENCE_MEASURES:
                 ref = refs[i]
                 gold_text = decode(ref)
                 ends = ref[-1] in end_ids  # the pre-edit model stopped there: so must the edited one

@@ -31,7 +31,7 @@ PPL_FIELDS = ("record_id", "lang", "ppl_pre", "ppl_post", "ratio")
 RETENTION_FIELDS = ("record_id", "edit_number", *CSV_FIELDS[1:])
 SHORT = {"token_acc": "tok", "em": "em", "f1": "f1", "f1_legacy": "f1PxR", "prob": "prob", "gen_em": "gen"}
 MEASURE_SHORT = {"reliability": "rel", "generality": "gen", "locality": "loc", "locality_gold": "locgold",
-                 "portability": "port", "multi_hop": "mhop"}
+                 "neighborhood": "nbr", "portability": "port", "multi_hop": "mhop"}
 
 
 def format_table(summary: dict, languages: list[str], protocols: tuple[str, ...] = ("token_acc", "gen_em")) -> str:
