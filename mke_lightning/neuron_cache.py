@@ -54,11 +54,14 @@ def _digest(obj: Any) -> str:
 def model_fingerprint(model, tokenizer, arch: ArchSpec) -> str:
     """A digest of the model's config, weights, neuron modules and tokenizer.
 
-    Weights enter as, per tensor, its name, shape, dtype, float64 sum and L2
-    norm (any edited column moves them) and a strided sample of its values;
-    reading every weight once costs well under a second for a 270M model.
-    Models whose weights are partitioned away (DeepSpeed stage 3) should be
-    given an explicit fingerprint instead.
+    Weights enter as, per tensor, its name, shape, dtype, an exact checksum
+    (the sum of its values' bit patterns as integers: any changed value moves
+    it) and a strided sample of its values. Integer sums do not depend on the
+    order of addition, so the digest is the same on CPU and GPU and for any
+    number of threads: a delta made on a GPU checks against the same model
+    loaded on a CPU. Reading every weight once costs about a second for a
+    270M model. Models whose weights are partitioned away (DeepSpeed stage 3)
+    should be given an explicit fingerprint instead.
     """
     config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
     h = hashlib.sha256()
@@ -71,14 +74,30 @@ def model_fingerprint(model, tokenizer, arch: ArchSpec) -> str:
             h.update(f"{name}:empty".encode())
             continue
         flat = t.detach().reshape(-1)
-        if not torch.is_floating_point(flat):  # int8 weights, quantisation statistics
-            flat = flat.to(torch.float64)
-        stride = max(1, flat.numel() // _SAMPLE)
-        stats = torch.stack([flat.sum(dtype=torch.float64), torch.linalg.vector_norm(flat, dtype=torch.float64)])
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(stats.cpu().numpy().tobytes())
-        h.update(flat[::stride][:_SAMPLE].float().cpu().numpy().tobytes())
+        h.update(_checksum(flat).to_bytes(8, "little", signed=True))
+        stride = max(1, flat.numel() // _SAMPLE)
+        sample = flat[::stride][:_SAMPLE]
+        sample = sample.float() if torch.is_floating_point(sample) else sample.to(torch.float64)  # int8 weights, quantisation statistics
+        h.update(sample.cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_CHUNK = 1 << 22  # values summed at once: bounds the int64 copy to 32 MiB
+
+
+def _checksum(flat: torch.Tensor) -> int:
+    """The sum of ``flat``'s values (``[N]``) read as integers of their own width (floats: their bit patterns),
+    in int64: exact, so the same on every device; a sum past the int64 range wraps, the same way everywhere."""
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    if torch.is_floating_point(flat) or flat.is_complex():
+        flat = flat.view(_INT_OF_SIZE[flat.element_size()])  # [N'] the same bytes as integers
+    total = torch.zeros((), dtype=torch.int64, device=flat.device)
+    for chunk in flat.split(_CHUNK):
+        total += chunk.to(torch.int64).sum()
+    return int(total)
 
 
 def settings_key(cfg: LocalizationConfig, edit_language: str) -> dict[str, Any]:
@@ -89,6 +108,8 @@ def settings_key(cfg: LocalizationConfig, edit_language: str) -> dict[str, Any]:
         key["relative_prompts"] = {k: background[k] for k in ("prompts", "languages")}
     for name in SPEED_ONLY:
         key["attribution"].pop(name, None)
+    if key["attribution"].get("quadrature") == "right_riemann":  # the rule before it was a setting: those masks stay valid
+        key["attribution"].pop("quadrature")
     for name, default in ADDED_LATER.items():
         if key.get(name) == default:  # at its default it changes nothing: masks cached before it existed stay valid
             key.pop(name)

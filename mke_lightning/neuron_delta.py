@@ -26,6 +26,7 @@ returns the metadata too, and a file that holds no delta raises
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,13 +137,18 @@ class NeuronDelta:
         return hooks
 
     def save(self, path: str | Path, metadata: dict | None = None) -> None:
+        """Write the delta with ``metadata`` (a JSON object) under the key ``mke``; atomic: the file is
+        written beside ``path`` and renamed over it, so a kill mid-write leaves no half delta behind."""
         from safetensors.torch import save_file
 
         tensors = {}
         for layer, (idx, values) in self.layers.items():
-            tensors[f"{layer}.index"] = idx.cpu().contiguous()
-            tensors[f"{layer}.values"] = values.detach().float().cpu().contiguous()
-        save_file(tensors, str(path), metadata={"mke": json.dumps(metadata or {})})
+            tensors[f"{layer}.index"] = idx.cpu().contiguous()  # [n]
+            tensors[f"{layer}.values"] = values.detach().float().cpu().contiguous()  # [n, d_model]
+        path = Path(path)
+        part = path.with_name(f".{path.name}.{os.getpid()}.part")  # not *.safetensors: a folder's listing skips it
+        save_file(tensors, str(part), metadata={"mke": json.dumps(metadata or {})})
+        os.replace(part, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "NeuronDelta":

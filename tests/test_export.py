@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 
 import pytest
@@ -15,6 +16,7 @@ from mke_lightning.editor import EditLossConfig, KnowledgeEditor
 from mke_lightning.export import EDITS_FILE, export_main, export_merged, load_edits, read_deltas, undo_edits
 from mke_lightning.masked_lora import LoRAConfig
 from mke_lightning.model_loading import ModelConfig, load_causal_lm
+from mke_lightning.neuron_cache import model_fingerprint
 from mke_lightning.neuron_delta import NeuronDelta, NotADeltaError, OnTop, Restore
 from mke_lightning.neurons import NeuronMask
 
@@ -34,6 +36,7 @@ def _editor(model_dir, protocol: str, delta_dir) -> KnowledgeEditor:
                          optimizer=lambda p: torch.optim.Adam(p, lr=0.05))
     ed.configure_model()
     ed._delta_dir = delta_dir  # under a Trainer, on_fit_start sets it to <log dir>/deltas
+    ed._base_fingerprint = model_fingerprint(ed.causal_lm, ed.tokenizer, ed.arch)  # ... and this, before any edit
     return ed
 
 
@@ -68,13 +71,14 @@ def test_a_saved_edit_loaded_onto_a_fresh_base_reproduces_the_edited_logits(tiny
     assert sorted(p.name for p in (tmp_path / "deltas").iterdir()) == [path.name]
     [(read_path, _, meta)] = read_deltas([path])
     assert read_path == path
-    assert meta == {"records": ["a"], "method": "memla", "protocol": "single",
-                    "model": str(tiny_llama_dir), "edit_language": "en"}
+    model, tok, arch = _base(tiny_llama_dir)
+    assert meta == {"records": ["a"], "method": "memla", "protocol": "single", "model": str(tiny_llama_dir),
+                    "edit_language": "en", "dtype": "float32", "load_in_8bit": False,
+                    "model_fingerprint": model_fingerprint(model, tok, arch)}
 
-    model, _, arch = _base(tiny_llama_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for mode, kind in (("merge", Restore), ("on_top", OnTop), ("auto", Restore)):
-        handles = load_edits(model, arch, [path], mode)
+        handles = load_edits(model, arch, [path], mode, tokenizer=tok)
         assert [type(h) for h in handles] == [kind]
         assert (_logits(model) - edited).abs().max() < 1e-5, mode
         undo_edits(handles)
@@ -89,8 +93,8 @@ def test_sequential_deltas_from_a_folder_apply_in_order(sequential_run, tiny_lla
     assert [m["records"] for _, _, m in items] == applied == [["a"], ["b"]]
     assert all(m["protocol"] == "sequential" for _, _, m in items)
     for mode in ("merge", "on_top"):
-        model, _, arch = _base(tiny_llama_dir)
-        load_edits(model, arch, [folder], mode)
+        model, tok, arch = _base(tiny_llama_dir)
+        load_edits(model, arch, [folder], mode, tokenizer=tok)
         assert (_logits(model) - edited).abs().max() < 1e-5, mode
 
 
@@ -187,3 +191,95 @@ def test_files_that_are_not_deltas_are_named_in_the_error(tmp_path, tiny_llama_d
     assert "weights.safetensors" in capsys.readouterr().err and not (tmp_path / "never").exists()
     with pytest.raises(ValueError, match="never loads int8"):
         export_merged(ModelConfig(name_or_path=str(tiny_llama_dir), load_in_8bit=True), [tmp_path / "far.safetensors"], tmp_path / "x")
+
+
+def test_deltas_covering_a_record_twice_are_refused_naming_both_files(sequential_run, tiny_llama_dir, tmp_path, capsys):
+    folder, _, _ = sequential_run
+    # the folder a killed run's restart wrote before restarts went on writing into the first one: edit 2 again
+    other = tmp_path / "version_1" / "deltas"
+    other.mkdir(parents=True)
+    shutil.copy(folder / "000001_b.safetensors", other / "000001_b.safetensors")
+    model, tok, arch = _base(tiny_llama_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="covers record 'b'") as err:
+        load_edits(model, arch, [folder, other], tokenizer=tok)
+    says = str(err.value)
+    assert str(other / "000001_b.safetensors") in says and str(folder / "000001_b.safetensors") in says
+    assert "edit twice" in says
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing applied
+    with pytest.raises(SystemExit):
+        export_main(["--model", str(tiny_llama_dir), "--deltas", str(folder), str(other), "--output", str(tmp_path / "never")])
+    assert "covers record 'b'" in capsys.readouterr().err and not (tmp_path / "never").exists()
+
+
+def _other_model(tiny_llama_dir, tmp_path):
+    """The tiny model with one weight moved, saved as its own folder: another model of the same shapes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] += 0.5
+    folder = tmp_path / "other-model"
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(folder)
+    return folder
+
+
+def test_deltas_made_on_another_model_are_refused_unless_allowed(sequential_run, tiny_llama_dir, tmp_path, capsys):
+    folder, edited, _ = sequential_run
+    other_dir = _other_model(tiny_llama_dir, tmp_path)
+    model, tok, arch = load_causal_lm(ModelConfig(name_or_path=str(other_dir)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="000000_a.safetensors: made on another model") as err:
+        load_edits(model, arch, [folder], tokenizer=tok)
+    assert "allow_other_model=True" in str(err.value)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="pass tokenizer="):
+        load_edits(model, arch, [folder])  # nothing to compute the model's fingerprint with
+    handles = load_edits(model, arch, [folder], allow_other_model=True)  # told otherwise: applied
+    assert len(handles) == 2
+    undo_edits(handles)
+
+    with pytest.raises(ValueError, match="000000_a.safetensors: made on another model"):
+        export_merged(ModelConfig(name_or_path=str(other_dir)), [folder], tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(SystemExit):
+        export_main(["--model", str(other_dir), "--deltas", str(folder), "--output", str(tmp_path / "never")])
+    err = capsys.readouterr().err
+    assert "000000_a.safetensors: made on another model" in err and "--allow-other-model" in err
+    out = export_main(["--model", str(other_dir), "--deltas", str(folder), "--output", str(tmp_path / "allowed"),
+                       "--allow-other-model"])
+    assert len(json.loads((out / EDITS_FILE).read_text())["edits"]) == 2
+    # the right model passes, whatever name it is given by
+    export_merged(ModelConfig(name_or_path=str(tiny_llama_dir)), [folder], tmp_path / "right")
+
+
+def test_a_delta_is_checked_against_the_model_loaded_as_its_run_loaded_it(tiny_llama_dir, tmp_path):
+    model, tok, arch = load_causal_lm(ModelConfig(name_or_path=str(tiny_llama_dir), dtype="bfloat16"))
+    delta = NeuronDelta({0: (torch.tensor([1, 2]), torch.full((2, 32), 0.01))})  # [n], [n, d_model]
+    path = tmp_path / "bf16.safetensors"
+    delta.save(path, {"records": ["x"], "protocol": "single", "model": str(tiny_llama_dir), "dtype": "bfloat16",
+                      "load_in_8bit": False, "model_fingerprint": model_fingerprint(model, tok, arch)})
+    undo_edits(load_edits(model, arch, [path], tokenizer=tok))  # the same model, loaded as the run did
+    fp32, tok32, arch32 = _base(tiny_llama_dir)
+    with pytest.raises(ValueError, match="loaded as bfloat16.*loaded as float32"):
+        load_edits(fp32, arch32, [path], tokenizer=tok32)
+    # the export merges in float32 and loads the base once more as the run did, for the check
+    out = export_merged(ModelConfig(name_or_path=str(tiny_llama_dir)), [path], tmp_path / "merged")
+    assert (out / "model.safetensors").is_file()
+
+
+def test_the_model_fingerprint_is_exact_and_does_not_depend_on_threads(tiny_llama_dir):
+    model, tok, arch = _base(tiny_llama_dir)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = model_fingerprint(model, tok, arch)
+        torch.set_num_threads(max(2, threads))
+        assert model_fingerprint(model, tok, arch) == one
+    finally:
+        torch.set_num_threads(threads)
+    w = model.model.layers[1].mlp.down_proj.weight  # [d_model, d_ff]
+    with torch.no_grad():
+        w[5, 7] = torch.nextafter(w[5, 7], torch.tensor(1.0))  # one value, by one unit in the last place
+    assert model_fingerprint(model, tok, arch) != one
