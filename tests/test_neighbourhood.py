@@ -301,3 +301,19 @@ def test_the_callback_reports_the_measure_in_every_file_and_table(tmp_path, tiny
     written = compare_runs([str(cb.written["results"]), str(runs["unedited"].written["results"])], tmp_path / "report")
     assert "neighborhood (token_acc)" in written["table"].read_text()
     assert "**neighborhood** (gen_em)" in written["languages"].read_text()
+
+
+def test_a_checkpoint_from_before_the_measure_resumes_without_it():
+    from mke_lightning.callbacks import EditEvaluation
+
+    cb = EditEvaluation()
+    cb.edit_lang, cb.eval_langs, cb._ppl_langs, cb._sequential = "en", LANGS, [], False
+    saved = {"edit_language": "en", "eval_languages": LANGS, "measures": list(MEASURES_BEFORE_NEIGHBORHOOD),
+             "perplexity_languages": [], "sequential": False}
+    with pytest.warns(UserWarning, match="no neighborhood measure"):
+        cb._check_resumable({"settings": saved})
+    assert "neighborhood" not in cb.measures and cb._settings() == saved
+    cb = EditEvaluation(neighbourhood=NeighbourhoodConfig(per_edit=2))
+    cb.edit_lang, cb.eval_langs, cb._ppl_langs, cb._sequential = "en", LANGS, [], False
+    with pytest.raises(ValueError, match="neighbourhood"):  # another number of neighbours than the checkpoint's
+        cb._check_resumable({"settings": {**saved, "measures": list(MEASURES), "neighbourhood": {"per_edit": 5, "seed": 0}}})
