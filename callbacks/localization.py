@@ -162,7 +162,7 @@ class NeuronLocalization(L.Callback):
             return
         if self._fit_started:  # the strategy restores checkpoints after on_fit_start (DeepSpeed, FSDP)
             rank_zero_warn("NeuronLocalization: the checkpoint's masks arrived after the fit started and are not used; "
-                           "the records were located on the model as it was at the restart")
+                           "the records were located again, on the model as loaded before the kept edits come back")
             return
         self._resume = state_dict  # taken back in on_fit_start, once the model and the records are there
 
