@@ -96,3 +96,54 @@ def _replace(part: str, target: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(part, target)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from: missing, or damaged."""
+
+
+def checkpoint_problem(path: str | os.PathLike[str]) -> str | None:
+    """What makes the checkpoint at ``path`` unusable (missing, empty, cut short, changed after it
+    was written), or ``None`` when it reads whole. A file is checked entry by entry against the
+    CRCs torch's zip format stores; a sharded checkpoint (a folder) only for being there and not empty."""
+    import zipfile
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return None if os.listdir(path) else "the checkpoint folder is empty"
+    if not os.path.isfile(path):
+        return "the file does not exist"
+    size = os.path.getsize(path)
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as fh:
+            if fh.read(4) == b"PK\x03\x04":  # torch's zip format, its end (the central directory) missing
+                return f"it was cut short ({size} bytes, the end of its zip archive is missing)"
+        try:  # not torch's zip format: an old-style pickle, read whole to see that it is complete
+            import torch
+
+            torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - any failure to read means the same to the user
+            return f"it is not a readable checkpoint ({size} bytes; {type(err).__name__}: {err}); it was probably cut short"
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        return f"its archive cannot be read ({err})"
+    if bad is not None:
+        return f"its entry {bad!r} fails its checksum (the file was changed after it was written)"
+    return None
+
+
+def check_checkpoint(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`CheckpointError` naming ``path`` and what to do when it is not a whole checkpoint."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {os.fspath(path)} does not exist; check --ckpt_path, or leave it out to start afresh")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(
+            f"checkpoint {os.fspath(path)} is damaged: {problem}. Resume from another checkpoint "
+            "(--ckpt_path PATH), or move this one aside and start afresh without --ckpt_path"
+        )

@@ -6,10 +6,15 @@ to the cache and the summary to the log dir; see docs/localization.md), and
 ``report RUN_DIR...`` (compare finished runs: a bar chart of methods,
 heatmaps and a table; see docs/evaluation.md). ``report`` reads files only,
 so it is plain argparse, not part of the LightningCLI.
+
+Errors: ``mke`` prints ``mke: error: <what is wrong and what to do>`` on
+stderr and exits with status 1, without the Python traceback; set
+``MKE_TRACEBACK=1`` to have the traceback printed as well (docs/errors.md).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from lightning.pytorch.cli import LightningCLI
@@ -33,14 +38,85 @@ class MKECLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.edit_language", "model.edit_language")
 
+    # Checks made before a subcommand starts: a fault here costs nothing yet (no model loaded, no
+    # neuron located, no edit made).
+    def _before_run(self) -> None:
+        connect = getattr(self.datamodule, "connect", None)
+        if callable(connect):
+            connect(self.model)  # the DataModule checks its prompts against the model once it is built
+        self._check_ckpt_path()
+
+    before_fit = before_validate = before_test = before_predict = before_localize = _before_run
+
+    def _check_ckpt_path(self) -> None:
+        """``--ckpt_path last`` must find a checkpoint, and the checkpoint must be whole."""
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        from mke_lightning.callbacks.checkpoint import CheckpointError, check_checkpoint
+
+        config = self.config_init.get(self.subcommand, {}) if self.subcommand else {}
+        ckpt_path = config.get("ckpt_path") if hasattr(config, "get") else None
+        if ckpt_path is None or ckpt_path in ("best", "hpc") or str(ckpt_path).startswith("registry"):
+            return
+        if ckpt_path == "last":
+            folders, found = [], set()
+            for callback in self.trainer.checkpoint_callbacks:
+                if isinstance(callback, ModelCheckpoint):
+                    found |= callback._find_last_checkpoints(self.trainer)
+                    resolve = getattr(callback, "_resolve_dirpath", None)
+                    if callable(resolve):
+                        resolve(self.trainer)
+                    folders.append(str(callback.dirpath) if callback.dirpath else "the logger's checkpoints folder")
+            found = {p for p in found if os.path.exists(p)}
+            if not found:
+                where = f"in {', '.join(folders)}" if folders else "anywhere: no checkpoint callback is configured"
+                raise CheckpointError(
+                    f"--ckpt_path last: there is no checkpoint to resume from (no last.ckpt {where}). "
+                    "Leave out --ckpt_path to start afresh, give the checkpoint's file (--ckpt_path PATH), or "
+                    "use the run's logger settings (trainer.logger.init_args.save_dir and name) and its "
+                    "mke_lightning.callbacks.EditCheckpoint callback, so that the folder is the one the run wrote"
+                )
+            ckpt_path = max(found, key=os.path.getmtime)  # the one Lightning will pick
+        check_checkpoint(ckpt_path)
+
 
 def cli_main(args: list[str] | None = None) -> MKECLI:
     """Run the CLI; ``args`` replaces ``sys.argv[1:]`` (tests call it in-process)."""
     return MKECLI(KnowledgeEditor, EditDataModule, args=args, save_config_kwargs={"overwrite": True})
 
 
+TRACEBACK_VARIABLE = "MKE_TRACEBACK"  # "1": print the traceback of an error, not only its message
+
+
 def main() -> None:
-    """Console entry point (``mke``): returns nothing, so the exit status is 0 on success."""
+    """Console entry point (``mke``): exit status 0 on success, 1 on an error (its message on
+    stderr, its traceback only with ``MKE_TRACEBACK=1``), 2 on a command-line mistake."""
+    try:
+        _main()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:  # noqa: BLE001 - every error ends the same way: its message and status 1
+        if os.environ.get(TRACEBACK_VARIABLE, "").strip().lower() in {"1", "true", "yes", "on"}:
+            raise
+        sys.stderr.write(f"mke: error: {error_message(err)}\n"
+                         f"(set {TRACEBACK_VARIABLE}=1 to see where it was raised)\n")
+        sys.exit(1)
+
+
+def error_message(err: BaseException) -> str:
+    """The message of ``err`` for the user: our own errors speak for themselves; any other error
+    is prefixed with its type (``RuntimeError: CUDA out of memory ...``)."""
+    from mke_lightning.callbacks.checkpoint import CheckpointError
+    from mke_lightning.neurons import MaskError
+    from mke_lightning.records import RecordError
+
+    text = str(err).strip() or type(err).__name__
+    if isinstance(err, (RecordError, MaskError, CheckpointError, ValueError, FileNotFoundError)):
+        return text
+    return f"{type(err).__name__}: {text}"
+
+
+def _main() -> None:
     argv = sys.argv[1:]
     if argv[:1] == ["report"]:
         from mke_lightning.compare import report_main

@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Sequence, get_args
 
 import torch
 
@@ -43,6 +43,8 @@ class NeuronMask:
     layers: dict[str, LayerMap] = field(default_factory=lambda: {c: {} for c in CATEGORIES})
     languages: dict[str, LayerMap] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    source: str | None = field(default=None, compare=False, repr=False)
+    """The file the mask was read from (named in errors); ``None`` for a mask built in memory."""
 
     def __post_init__(self) -> None:
         self.layers = {cat: _clean(per_layer) for cat, per_layer in self.layers.items()}
@@ -62,6 +64,36 @@ class NeuronMask:
     def count(self, category: str | None = None) -> int:
         cats = [category] if category else list(self.layers)
         return sum(len(idx) for c in cats for idx in self.layers.get(c, {}).values())
+
+    def out_of_range(self, n_layers: int, width: int | Sequence[int]) -> tuple[str, int, int] | None:
+        """The first ``(group, layer, neuron)`` outside a model of ``n_layers`` layers of ``width``
+        neurons each (one number, or one per layer), or ``None`` when every neuron fits."""
+        groups = [*self.layers.items(), *((_LANG_PREFIX + g, m) for g, m in self.languages.items())]
+        for group, per_layer in groups:
+            for layer, idx in per_layer.items():
+                if not 0 <= layer < n_layers:
+                    return group, layer, idx[0] if idx else 0
+                bad = [i for i in idx if not 0 <= i < (width if isinstance(width, int) else width[layer])]
+                if bad:
+                    return group, layer, bad[0]
+        return None
+
+    def check_bounds(self, n_layers: int, width: int | Sequence[int], model: str = "the model") -> None:
+        """Raise :class:`MaskError` naming the mask's file (or record) if a neuron lies outside
+        ``n_layers`` layers of ``width`` neurons: such a mask would crash an edit half-way through a run."""
+        bad = self.out_of_range(n_layers, width)
+        if bad is None:
+            return
+        group, layer, neuron = bad
+        if not isinstance(width, int):
+            width = width[layer] if 0 <= layer < n_layers else min(width)
+        where = f"neuron-mask file {self.source}" if self.source else f"the neuron mask of record {self.record_id!r}"
+        fix = ("delete the file (a cached mask is then located again) or pass a mask made for this model"
+               if self.source else "locate the record's neurons again on this model")
+        raise MaskError(
+            f"{where} (record {self.record_id!r}) names layer {layer}, neuron {neuron} in group {group!r}, but "
+            f"{model} has {n_layers} layers of {width} MLP neurons (layers 0-{n_layers - 1}, neurons 0-{width - 1}); {fix}"
+        )
 
     def same_neurons(self, other: "NeuronMask") -> bool:
         """Same record, categories and language sets (metadata aside)."""
@@ -101,8 +133,12 @@ class NeuronMask:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "NeuronMask":
-        """Read a file written by :meth:`save`."""
+    def load(cls, path: str | os.PathLike[str], bounds: tuple[int, int] | None = None) -> "NeuronMask":
+        """Read a file written by :meth:`save`.
+
+        ``bounds``: ``(n_layers, width)`` of the model the mask is for (:func:`model_bounds`); a neuron
+        outside it raises :class:`MaskError` naming the file. Negative indices are refused always.
+        """
         from safetensors import safe_open
 
         path = Path(path)
@@ -119,9 +155,44 @@ class NeuronMask:
             raise ValueError(f"{path}: mask format version {meta.get('format_version')!r}, this version reads {FORMAT_VERSION}")
         record_id = meta.pop("record_id")
         meta.pop("format_version")
+        for name, pairs in tensors.items():
+            if pairs.dim() != 2 or pairs.shape[1] != 2 or pairs.dtype.is_floating_point or pairs.dtype == torch.bool:
+                raise MaskError(f"{path}: group {name!r} holds a {tuple(pairs.shape)} {pairs.dtype} tensor, not [n, 2] "
+                                "integer (layer, neuron) pairs; delete the file (a cached mask is then located again)")
         layers = {k: _layer_map(v) for k, v in tensors.items() if not k.startswith(_LANG_PREFIX)}
         languages = {k[len(_LANG_PREFIX):]: _layer_map(v) for k, v in tensors.items() if k.startswith(_LANG_PREFIX)}
-        return cls(record_id=record_id, layers=layers, languages=languages, metadata=meta)
+        mask = cls(record_id=record_id, layers=layers, languages=languages, metadata=meta, source=str(path))
+        negative = mask.out_of_range(1 << 62, 1 << 62)
+        if negative is not None:
+            group, layer, neuron = negative
+            raise MaskError(f"{path}: group {group!r} holds a negative index (layer {layer}, neuron {neuron}); "
+                            "delete the file (a cached mask is then located again)")
+        if bounds is not None:
+            mask.check_bounds(*bounds)
+        return mask
+
+
+class MaskError(ValueError):
+    """A neuron mask that cannot be used: unreadable, or naming neurons the model does not have."""
+
+
+def model_bounds(model, arch) -> tuple[int, list[int]]:
+    """``(n_layers, widths)``: how many layers ``model`` has and how many MLP neurons each holds."""
+    from mke_lightning.architectures import mlp_out_modules, num_neurons
+
+    modules = mlp_out_modules(model, arch)
+    return len(modules), [num_neurons(m) for m in modules]
+
+
+def check_masks(masks, model, arch, model_name: str = "the model") -> None:
+    """Bounds-check every mask of ``masks`` (an iterable of :class:`NeuronMask`) against ``model``
+    before any edit, naming the first bad one's file or record (see :meth:`NeuronMask.check_bounds`)."""
+    masks = list(masks)
+    if not masks:
+        return
+    n_layers, width = model_bounds(model, arch)
+    for mask in masks:
+        mask.check_bounds(n_layers, width, model_name)
 
 
 def _pairs(per_layer: LayerMap) -> torch.Tensor:

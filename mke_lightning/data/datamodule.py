@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mke_lightning.data import formats
+from mke_lightning.data.context import check_prompt_lengths, model_context
 from mke_lightning.data.jsonl import JsonlParser, demo_path
 from mke_lightning.data.selection import select, shard
 from mke_lightning.data.source import MAX_REASONS, ON_ERROR, RecordSource
@@ -190,6 +191,19 @@ class EditDataModule(L.LightningDataModule):
         self._resume: tuple[set[str], int] = (set(), 0)  # records edited before a restart, batches done
         self.skipped = 0
         self.skip_reasons: list[str] = []
+        self._module = None  # the LightningModule whose model reads the records (connect(), else the trainer's)
+        self._context_checked: int | None = None  # id() of the model the records were last checked against
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_module"], state["_context_checked"] = None, None  # never pickle the model along with the data
+        return state
+
+    def connect(self, module) -> None:
+        """Name the LightningModule whose model will read the records (its ``causal_lm`` or
+        ``get_causal_lm()`` and ``tokenizer``), for runs without a Trainer attached to this
+        DataModule (``mke localize``). Under ``trainer.fit`` the trainer's module is used."""
+        self._module = module
 
     # ------------------------------------------------------------------ loading
 
@@ -310,8 +324,10 @@ class EditDataModule(L.LightningDataModule):
 
     @property
     def records(self) -> RecordList:
-        """This rank's records, read on access (loads the data on first use)."""
+        """This rank's records, read on access (loads the data on first use; once the model is
+        built, checks that every prompt of the run fits in its context)."""
         self._load()
+        self._check_context()
         assert self._records is not None
         return self._records
 
@@ -319,6 +335,7 @@ class EditDataModule(L.LightningDataModule):
     def all_records(self) -> RecordList:
         """The records of the run over all ranks, in serving order (seeded when ``seed`` is set)."""
         self._load()
+        self._check_context()
         assert self._data is not None and self._selected is not None
         groups = self._data.raw_indices[self._selected]
         return RecordList(self._data, shard(self._selected, groups, 0, 1, self.seed))
@@ -372,6 +389,63 @@ class EditDataModule(L.LightningDataModule):
             out["notes"] = self.notes
         return out
 
+    # ------------------------------------------------- checks against the model
+
+    def _reader(self):
+        """``(module, model, tokenizer)`` of the module that reads the records, once its model is built."""
+        module = self._module
+        if module is None:
+            trainer = getattr(self, "trainer", None)
+            module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        if module is None:
+            return None, None, None
+        getter = getattr(module, "get_causal_lm", None)
+        model = getter() if callable(getter) else getattr(module, "causal_lm", None)
+        return module, model, getattr(module, "tokenizer", None)
+
+    def _check_context(self) -> None:
+        """Refuse the run when a prompt (with its answer) is longer than the model's context.
+
+        Every selected record of every rank is checked (the same error on every rank, none left
+        waiting), once per model, in the languages the run reads: the evaluation languages and
+        the module's ``train_languages``.
+        """
+        module, model, tokenizer = self._reader()
+        if model is None or tokenizer is None or self._context_checked == id(model):
+            return
+        found = model_context(model)
+        self._context_checked = id(model)
+        if found is None:
+            return
+        positions, attribute = found
+        assert self._data is not None and self._selected is not None and self._eval_languages is not None
+        train = getattr(module, "train_languages", None) or []
+        languages = list(dict.fromkeys([*self._eval_languages, *train]))
+        name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+        data = self._data
+        try:
+            check_prompt_lengths(
+                ((data[k], data.source_of(k), data.raw_index(k)) for k in self._selected.tolist()),
+                languages, tokenizer, positions, f"{attribute} of {name}",
+            )
+        except RecordError:
+            self._context_checked = None
+            raise
+
+    def _check_masks(self) -> None:
+        """Bounds-check the module's neuron masks against its model before the first edit: a mask
+        naming a layer or neuron the model lacks is refused here, with its file, not half-way
+        through the run after earlier edits were made."""
+        module, model, _ = self._reader()
+        masks = getattr(module, "neuron_masks", None)
+        arch = getattr(module, "arch", None)
+        if model is None or arch is None or not masks:
+            return
+        from mke_lightning.neurons import check_masks
+
+        name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+        check_masks(masks.values(), model, arch, f"model {name}")
+
     # -------------------------------------------------------------- dataloaders
 
     def _largest_share(self) -> int:
@@ -405,6 +479,8 @@ class EditDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=self.batch_size, collate_fn=collate_records)
 
     def train_dataloader(self) -> DataLoader[Any]:
+        # Lightning asks for it after every on_fit_start (localisation included), before the first edit.
+        self._check_masks()
         return self._loader()
 
     def val_dataloader(self) -> DataLoader[Any]:
