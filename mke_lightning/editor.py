@@ -384,6 +384,28 @@ class KnowledgeEditor(L.LightningModule):
             self._restore = None
 
     # -- Lightning hooks ----------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Check the optimiser's settings before the run does any work.
+
+        Lightning calls this before the model is built and before any callback's ``on_fit_start``
+        (localisation): a bad setting (a negative learning rate) is refused now, not at the first
+        edit after the whole localisation stage. The factory builds a throw-away optimiser over
+        one dummy parameter; a factory that needs more than parameters is left to the first edit.
+        """
+        if stage != "fit":
+            return
+        try:
+            self.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])
+        except (ValueError, TypeError) as err:
+            if isinstance(err, TypeError) and "argument" in str(err):
+                return  # wants arguments a plain parameter list does not give
+            given = self.hparams.get("optimizer")
+            shown = json.dumps(given, default=str) if isinstance(given, dict) else repr(self.optimizer_factory)
+            raise ValueError(
+                f"model.optimizer is refused by the optimiser itself: {err} (model.optimizer: {shown}); "
+                "fix it in the config (e.g. model.optimizer.init_args.lr > 0)"
+            ) from err
+
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         return batch  # records are text; they are tokenised onto the device per edit
 
