@@ -56,6 +56,7 @@ from mke_lightning.collectives import SharedEdit, gather_object
 from mke_lightning.edit_loop import EditBatch, UpdateResult
 from mke_lightning.masked_lora import LoRAConfig, apply_delta
 from mke_lightning.methods import method_class
+from mke_lightning.methods.locate_edit import SolveConfig
 from mke_lightning.model_loading import ModelConfig, load_causal_lm
 from mke_lightning.neuron_delta import NeuronDelta, OnTop, Restore
 from mke_lightning.neurons import CATEGORIES, NeuronMask
@@ -125,6 +126,7 @@ class KnowledgeEditor(L.LightningModule):
         protocol: Literal["single", "batch", "sequential"] = "single",
         method: str = "memla",
         values: ValueUpdateConfig | None = None,
+        solve: SolveConfig | None = None,
         preserve: PreservationConfig | None = None,
         train_languages: list[str] | None = None,
         save_deltas: bool = False,
@@ -145,6 +147,7 @@ class KnowledgeEditor(L.LightningModule):
             method: a registered method (:mod:`mke_lightning.methods`): ``memla``, ``lora``, ``ft_l``,
                 ``lafn`` and the locate-then-edit family (see the module docstring).
             values: the direct value-vector update of ``ft_l`` and ``lafn``.
+            solve: the closed-form edits of ``rome``, ``memit`` and ``alphaedit`` (layers, target vector, statistics).
             preserve: preservation of a trained method's update (docs/preservation.md): a loss term for
                 its output change on ordinary text and on earlier edits' keys, and a bound on each
                 neuron's change; null: none (the authors' reading).
@@ -167,6 +170,7 @@ class KnowledgeEditor(L.LightningModule):
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         self.protocol = protocol
         self.values_config = values or ValueUpdateConfig()
+        self.solve_config = solve or SolveConfig()
         self.preservation = Preservation(preserve) if preserve is not None and preserve.active else None
         self.method = method
         self.method_impl = method_class(method)(self)

@@ -67,6 +67,13 @@ class EditMethod:
         """Neurons one record's edit changes (``mask``: that record's own mask)."""
         return handle.count() if handle is not None else 0
 
+    def state_dict(self) -> dict:
+        """What the method carries from one edit to the next (e.g. earlier edits' keys), for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take back :meth:`state_dict`'s result when a run resumes from a checkpoint."""
+
     def make_update(self, batch: "EditBatch") -> "UpdateResult":
         """The edit of ``batch`` as a delta, not yet applied. Default: attach, then the shared loop."""
         from mke_lightning.edit_loop import train_update
