@@ -5,9 +5,15 @@ quantity an edit of a value vector multiplies), at the last prompt position.
 
 * ``integrated_gradients``: score = (a - b) x mean gradient of P(answer token)
   along the straight path from a baseline ``b`` to the activation ``a``,
-  ``steps`` points (right Riemann sum, alpha = k/steps). Baseline ``zero``, or
-  ``eos``: the mean activation over copies of the prompt with one token at a
-  time replaced by EOS (the MEMLA authors' choice).
+  estimated at ``steps`` points of the path by the rule ``quadrature``:
+  ``right_riemann`` (the default and the authors' rule: alpha = k/steps,
+  k = 1..steps, equal weights), ``gauss_legendre`` (the Gauss-Legendre nodes
+  and weights on [0, 1]: exact for an integrand that is a polynomial of degree
+  <= 2 steps - 1, so a smooth path needs few points), ``trapezoid`` (both ends
+  and steps - 2 evenly spaced points between) or ``midpoint``
+  (alpha = (k - 1/2)/steps). Baseline ``zero``, or ``eos``: the mean
+  activation over copies of the prompt with one token at a time replaced by
+  EOS (the MEMLA authors' choice).
 
   ``ig_path: per_layer`` scales one layer at a time while the others run
   normally (the authors' way: one path per layer, ``L x steps`` rows per
@@ -37,8 +43,9 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence, get_args
 
+import numpy as np
 import torch
 
 from mke_lightning.architectures import ArchSpec, mlp_out_modules, neuron_dim, num_neurons, weight_shape
@@ -47,6 +54,34 @@ from mke_lightning.scoring import left_pad
 METHODS = ("integrated_gradients", "grad_x_act", "activation")
 IG_PATHS = ("all_layers", "per_layer")
 BASELINES = ("zero", "eos")
+Quadrature = Literal["right_riemann", "gauss_legendre", "trapezoid", "midpoint"]
+QUADRATURES: tuple[str, ...] = get_args(Quadrature)
+
+
+def quadrature_points(rule: str, points: int) -> tuple[list[float], list[float]]:
+    """Nodes ``alpha`` in [0, 1] and weights of ``rule`` with ``points`` points: two lists of length ``points``.
+
+    The weights are relative to an even step of ``1/points``: they sum to
+    ``points``, and the integral of ``g`` over [0, 1] is estimated as
+    ``sum(w_k g(alpha_k)) / points``. ``right_riemann``'s weights are all
+    exactly 1 and its nodes ``k / points``, so its sums are the same floats as
+    before there was a choice of rule.
+    """
+    if rule not in QUADRATURES:
+        raise ValueError(f"quadrature must be one of {QUADRATURES}, got {rule!r}")
+    if points < 1 or (rule == "trapezoid" and points < 2):
+        raise ValueError(f"quadrature {rule!r} needs at least {2 if rule == 'trapezoid' else 1} points, got {points}")
+    if rule == "right_riemann":
+        return [k / points for k in range(1, points + 1)], [1.0] * points
+    if rule == "midpoint":
+        return [(k - 0.5) / points for k in range(1, points + 1)], [1.0] * points
+    if rule == "trapezoid":
+        inner = points - 1  # intervals between the points
+        nodes = [k / inner for k in range(points)]
+        weights = [points / inner * (0.5 if k in (0, inner) else 1.0) for k in range(points)]
+        return nodes, weights
+    x, w = np.polynomial.legendre.leggauss(points)  # nodes on [-1, 1], weights summing to 2
+    return [float(v) for v in (x + 1) / 2], [float(v) for v in w / 2 * points]
 
 
 @dataclass
@@ -58,7 +93,21 @@ class AttributionConfig:
     ig_path: str = "all_layers"
     """``all_layers`` (one path scaling every layer) or ``per_layer`` (one path per layer, the authors' way)."""
     steps: int = 20
-    """Integration steps per path (the authors use 20)."""
+    """Points per path at which the gradient is taken (the authors use 20 with ``right_riemann``).
+
+    The cost of integrated gradients is proportional to it, whatever the rule."""
+    quadrature: Quadrature = "right_riemann"
+    """How the path integral is estimated from the ``steps`` points.
+
+    ``right_riemann``: alpha = k/steps, k = 1..steps, equal weights (the
+    authors' rule, and the default). ``gauss_legendre``: Gauss-Legendre nodes
+    and weights on [0, 1], exact when the gradient along the path is a
+    polynomial of degree <= 2 steps - 1; the gradient of a smooth network
+    along a straight path is close to one, so a few points reach what the
+    right Riemann sum reaches with many (docs/benchmarks.md, "Integrated-
+    gradient quadrature"). ``trapezoid``: the path's two ends and steps - 2
+    evenly spaced points between them (steps >= 2). ``midpoint``: alpha =
+    (k - 1/2)/steps."""
     baseline: str = "zero"
     """``zero`` or ``eos`` (mean activation with each token replaced by EOS)."""
     memory_budget_mb: float = 1024.0
@@ -84,6 +133,10 @@ class AttributionConfig:
             raise ValueError(f"attribution.baseline must be one of {BASELINES}, got {self.baseline!r}")
         if self.steps < 1:
             raise ValueError(f"attribution.steps must be >= 1, got {self.steps}")
+        if self.quadrature not in QUADRATURES:
+            raise ValueError(f"attribution.quadrature must be one of {QUADRATURES}, got {self.quadrature!r}")
+        if self.quadrature == "trapezoid" and self.steps < 2:
+            raise ValueError(f"attribution.quadrature 'trapezoid' needs steps >= 2, got {self.steps}")
         if self.batch_rows is not None and self.batch_rows < 1:
             raise ValueError(f"attribution.batch_rows must be >= 1 or null, got {self.batch_rows}")
         if self.memory_budget_mb <= 0:
@@ -228,22 +281,26 @@ def attribute_rows(
     else:
         b = torch.zeros_like(a)
 
-    # One row per (input, [layer,] step). alpha = k/steps, k = 1..steps.
+    # One row per (input, [layer,] point): the point alpha_k on the path, its weight w_k.
     n = len(rows)
-    alphas = torch.arange(1, cfg.steps + 1, device=device, dtype=torch.float32) / cfg.steps  # [S]
+    nodes, weights = quadrature_points(cfg.quadrature, cfg.steps)
+    alphas = torch.tensor(nodes, dtype=torch.float64).to(device=device, dtype=torch.float32)  # [S]
+    plain = all(w == 1.0 for w in weights)  # equal weights: the gradients are summed as they come
+    point_w = torch.tensor(weights, dtype=torch.float32, device=device)  # [S]
     if cfg.ig_path == "all_layers":
         row_in = torch.arange(n, device=device).repeat_interleave(cfg.steps)  # [N*S]
-        row_alpha = alphas.repeat(n)
+        row_alpha, row_w = alphas.repeat(n), point_w.repeat(n)
         row_layers = torch.ones((n * cfg.steps, n_layers), dtype=torch.bool, device=device)
     else:
         row_in = torch.arange(n, device=device).repeat_interleave(n_layers * cfg.steps)  # [N*L*S]
         layer_of = torch.arange(n_layers, device=device).repeat_interleave(cfg.steps).repeat(n)
-        row_alpha = alphas.repeat(n * n_layers)
+        row_alpha, row_w = alphas.repeat(n * n_layers), point_w.repeat(n * n_layers)
         row_layers = torch.nn.functional.one_hot(layer_of, n_layers).bool()
 
     grad_sum = torch.zeros_like(a)  # [N, L, F]
     for s in range(0, row_in.shape[0], per_pass):
         ri, al, lm = row_in[s:s + per_pass], row_alpha[s:s + per_pass], row_layers[s:s + per_pass]
+        rw = row_w[s:s + per_pass, None]  # [R, 1]
         used = [l for l in range(n_layers) if bool(lm[:, l].any())]
         leaves = {
             l: (b[ri, l] + al[:, None] * (a[ri, l] - b[ri, l])).requires_grad_(True)  # [R, F]
@@ -260,7 +317,8 @@ def attribute_rows(
             prob = torch.softmax(logits.float(), dim=-1).gather(-1, tgt[ri, None]).squeeze(-1)  # [R]
             grads = torch.autograd.grad(prob.sum(), [leaves[l] for l in used])
         for l, g in zip(used, grads):
-            grad_sum[:, l].index_add_(0, ri, g.float() * lm[:, l, None])
+            g = g.float() * lm[:, l, None]  # [R, F]
+            grad_sum[:, l].index_add_(0, ri, g if plain else g * rw)
     return (a - b) * grad_sum / cfg.steps
 
 
@@ -305,11 +363,13 @@ def attribute_rows_loop(
                 variants.append(_clean_last(model, modules, torch.tensor([v], device=device)))
             b = torch.stack(variants).mean(0)
         paths = [list(range(n_layers))] if cfg.ig_path == "all_layers" else [[l] for l in range(n_layers)]
+        nodes, weights = quadrature_points(cfg.quadrature, cfg.steps)
         grad_sum = torch.zeros_like(a)  # [L, F]
         for layers in paths:
-            for k in range(1, cfg.steps + 1):
-                point = {l: b[l] + k / cfg.steps * (a[l] - b[l]) for l in layers}
-                grad_sum += _path_grads(model, modules, ids, target, point)
+            for alpha, w in zip(nodes, weights):
+                point = {l: b[l] + alpha * (a[l] - b[l]) for l in layers}
+                g = _path_grads(model, modules, ids, target, point)  # [L, F]
+                grad_sum += g if w == 1.0 else w * g
         out.append((a - b) * grad_sum / cfg.steps)
     return torch.stack(out)
 
