@@ -44,7 +44,7 @@ class LocalizationConfig:
     """Which neurons an edit may change."""
 
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
-    """How neuron scores are computed (method, IG path, steps, baseline, memory budget)."""
+    """How neuron scores are computed (method, IG path, points and quadrature rule, baseline, memory budget)."""
     threshold: float | None = 0.3
     """Keep neurons scoring above this fraction of the prompt's maximum score (null: no relative criterion)."""
     top_k: int | None = None
