@@ -35,6 +35,22 @@ class MKECLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "localize": {"model", "datamodule"}}
 
+    # Commands that read files only (no model to build, no Trainer): run by ``main`` before the
+    # LightningCLI parses anything, listed here so that ``mke --help`` shows them beside the others.
+    FILE_COMMANDS = {
+        "report": "Compare finished runs: tables, a bar chart of methods and heatmaps (mke report RUN_DIR... --help).",
+        "export": "Merge saved edits (delta files) into a model folder (mke export --help).",
+        "key-stats": "Compute and cache a model's key statistics ahead of a run (mke key-stats --help).",
+    }
+
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        from lightning.pytorch.cli import LightningArgumentParser
+
+        action = parser._subcommands_action  # the sub-parsers action LightningCLI just added
+        for name, text in self.FILE_COMMANDS.items():
+            action.add_subcommand(name, LightningArgumentParser(description=text), help=text)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.edit_language", "model.edit_language")
 
@@ -127,6 +143,11 @@ def _main() -> None:
         from mke_lightning.export import export_main
 
         export_main(argv[1:])
+        return
+    if argv[:1] == ["key-stats"]:
+        from mke_lightning.key_statistics import compute_main
+
+        compute_main(argv[1:])
         return
     cli_main()
 

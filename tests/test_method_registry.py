@@ -100,3 +100,12 @@ def test_fit_help_shows_the_config_fields_docstrings_and_choices():
                               capture_output=True, text=True, cwd=REPO)
     assert "LoRA rank per layer = rank_factor x located neurons" in done.stdout
     assert "{auto,merge,on_top}" in done.stdout
+
+
+def test_mke_help_lists_every_subcommand():
+    mke = str(Path(sys.executable).parent / "mke")
+    out = subprocess.run([mke, "--help"], capture_output=True, text=True, cwd=REPO).stdout
+    listed = out.split("Available subcommands:")[1]
+    for name in ("fit", "validate", "test", "localize", "report", "export", "key-stats"):
+        assert f"\n    {name} " in listed, name
+    assert "usage" in subprocess.run([mke, "key-stats", "--help"], capture_output=True, text=True, cwd=REPO).stdout
