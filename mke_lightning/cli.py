@@ -35,7 +35,7 @@ class MKECLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "localize": {"model", "datamodule"}}
 
-    # Commands that read files only (no model to build, no Trainer): run by ``main`` before the
+    # Commands outside the Trainer (reading runs, merging deltas, computing statistics): run by ``main`` before the
     # LightningCLI parses anything, listed here so that ``mke --help`` shows them beside the others.
     FILE_COMMANDS = {
         "report": "Compare finished runs: tables, a bar chart of methods and heatmaps (mke report RUN_DIR... --help).",
