@@ -479,6 +479,7 @@ class KnowledgeEditor(L.LightningModule):
             inside = root is not None and folder.resolve().is_relative_to(root.resolve())
             checkpoint["mke_delta_dir"] = {"path": str(folder.resolve()),
                                            "in_run": folder.resolve().relative_to(root.resolve()).as_posix() if inside else None}
+        checkpoint["mke_method_state"] = self.method_impl.state_dict()  # e.g. AlphaEdit's earlier edits' keys
         if self.preservation is not None:
             checkpoint["mke_preservation"] = {
                 "earlier": {str(l): torch.stack(k) for l, k in self.preservation.earlier.items() if k},  # [P, d_ff] per layer
@@ -489,6 +490,7 @@ class KnowledgeEditor(L.LightningModule):
         self.resumed = [EditOutcome(**d) for d in checkpoint.get("mke_edit_log", [])]
         self._resumed_fingerprint = checkpoint.get("mke_base_fingerprint")
         self._resumed_delta_dir = checkpoint.get("mke_delta_dir")
+        self.method_impl.load_state_dict(checkpoint.get("mke_method_state", {}))
         kept = checkpoint.get("mke_preservation")
         if kept is not None and self.preservation is not None:
             self.preservation.earlier = {int(l): list(t.float().unbind(0)) for l, t in kept["earlier"].items()}
