@@ -15,6 +15,7 @@ from typing import Callable
 import torch.distributed as dist
 
 from mke_lightning.architectures import ArchSpec
+from mke_lightning.collectives import gather_object
 from mke_lightning.background import drop_busy, usual_activity
 from mke_lightning.localization import LocalizationConfig, locate
 from mke_lightning.neuron_cache import MaskCache
@@ -87,7 +88,7 @@ def localize_records(
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         raise ValueError(f"record ids must be unique for localisation; repeated: {dupes[:5]}")
     rank, world = rank_and_world()
-    all_ids = _all_gather(ids, world)
+    all_ids = gather_object(ids, world)
     owner = assign(all_ids)
     known = dict(known or {})
     result = StageResult(masks={})
@@ -113,7 +114,7 @@ def localize_records(
                 f"{mask.count('specific')} language-specific neurons ({result.seconds[record.id]:.1f}s)"
             )
         result.masks[record.id] = mask
-    parts = _all_gather({rid: m.to_dict() for rid, m in result.masks.items()}, world)
+    parts = gather_object({rid: m.to_dict() for rid, m in result.masks.items()}, world)
     gathered = {rid: NeuronMask.from_dict(d) for part in parts for rid, d in part.items()}
     gathered.update({rid: m for rid, m in result.masks.items()})  # this rank's own objects, metadata intact
     order = list(owner)
@@ -134,12 +135,3 @@ def localize_records(
             f"({len(result.computed)} computed, {len(result.reused)} from the cache here)"
         )
     return result
-
-
-def _all_gather(obj, world: int) -> list:
-    """``obj`` of every rank, in rank order (masks are small: lists of indices)."""
-    if world == 1:
-        return [obj]
-    parts: list = [None] * world
-    dist.all_gather_object(parts, obj)
-    return parts
