@@ -131,8 +131,7 @@ def main() -> None:
         )
         print(f"{record.id}: reference {seconds[names[0]][-1]:.2f}s, {ref.count('independent')}+{ref.count('specific')} neurons; {line}", flush=True)
 
-    # IG rows per record: (prompt, answer token) rows x points; read from the reference's pass count is not
-    # exact, so count them directly from the prompts each record has.
+    # IG rows per record: (prompt, answer token) rows x points, counted from each record's prompts and old answers.
     from mke_lightning.localization import localisation_prompts, old_answers
 
     for record in records:

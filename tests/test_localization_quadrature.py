@@ -226,7 +226,7 @@ def test_real_model_gauss_legendre_masks_match_the_20_step_reference(real_model,
     assert sum(scores) / len(scores) >= MIN_MEAN_JACCARD, scores
 
 
-FAST = ("gauss_legendre", 6)
+FAST = ("gauss_legendre", 4)
 """The rule the benchmark selected (docs/benchmarks.md, "Integrated-gradient quadrature")."""
-MIN_MEAN_JACCARD = 0.9
-"""Below the benchmark's mean over 20 records, for three records' spread."""
+MIN_MEAN_JACCARD = 0.95
+"""The target; the benchmark measured 1.0 on every record it ran, records 0-2 among them."""
