@@ -108,6 +108,14 @@ def target_logits(model, batch: PackedBatch) -> torch.Tensor:
     ``[B, K, d]`` hidden states, the full ``[B, K, V]`` logits are sliced instead.
     """
     sel = batch.target_mask  # [B, K]
+    logits, gathered = head_at(model, sel, lambda: _head_output(model, batch))
+    return logits if gathered else logits[:, -batch.keep:, :][sel]  # [M, V]
+
+
+def head_at(model, sel: torch.Tensor, forward) -> tuple[torch.Tensor, bool]:
+    """Run ``forward()`` (returning logits) with the LM head applied only at the positions ``sel``
+    ``[B, K]`` marks: ``([M, V], True)``, row by row. Where the head is not reached with ``[B, K, d]``
+    hidden states, ``(forward()'s full logits, False)``: the caller selects from them."""
     head = model.get_output_embeddings()
     gathered = []
 
@@ -120,11 +128,11 @@ def target_logits(model, batch: PackedBatch) -> torch.Tensor:
 
     handle = head.register_forward_pre_hook(gather) if head is not None else None
     try:
-        logits = _head_output(model, batch)  # [1, M, V] where the hook gathered, else [B, >=K, V]
+        logits = forward()  # [1, M, V] where the hook gathered, else the full logits
     finally:
         if handle is not None:
             handle.remove()
-    return logits[0] if gathered else logits[:, -batch.keep:, :][sel]  # [M, V]
+    return (logits[0], True) if gathered else (logits, False)
 
 
 PASS_COST_POSITIONS = 48

@@ -55,7 +55,7 @@ from mke_lightning.methods.registry import EditMethod
 from mke_lightning.neuron_delta import NeuronDelta
 from mke_lightning.records import EditRecord, join_prompt
 from mke_lightning.prefix_scoring import _window_allows, prefill
-from mke_lightning.scoring import encode_continuation, encode_prompt, pack, right_pad, row_logprobs, target_logits
+from mke_lightning.scoring import encode_continuation, encode_prompt, head_at, pack, right_pad, row_logprobs, target_logits
 
 log = logging.getLogger(__name__)
 
@@ -248,23 +248,8 @@ class SubjectHooks:
 
 def _gathered_logits(model, sel: torch.Tensor, **inputs) -> torch.Tensor:
     """Logits ``[M, V]`` at the positions ``sel [B, T]`` marks (row by row), the LM head run on those only."""
-    head = model.get_output_embeddings()
-    gathered = []
-
-    def gather(module, args):
-        hidden = args[0]  # [B, T, d]
-        if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(sel.shape):
-            return None
-        gathered.append(True)
-        return (hidden[sel].unsqueeze(0), *args[1:])  # [1, M, d]
-
-    handle = head.register_forward_pre_hook(gather) if head is not None else None
-    try:
-        logits = model(**inputs, use_cache=True).logits
-    finally:
-        if handle is not None:
-            handle.remove()
-    return logits[0] if gathered else logits[sel]
+    logits, gathered = head_at(model, sel, lambda: model(**inputs, use_cache=True).logits)
+    return logits if gathered else logits[sel]
 
 
 class PackedRows:
