@@ -12,7 +12,8 @@ from mke_lightning.architectures import mlp_out_modules
 from mke_lightning.callbacks._protocol import causal_lm_of, languages_of, masks_of, records_of
 from mke_lightning.localization import LocalizationConfig
 from mke_lightning.localization_report import summarize, write_summary
-from mke_lightning.localization_stage import StageResult, localize_records, rank_and_world
+from mke_lightning.collectives import rank_and_world
+from mke_lightning.localization_stage import StageResult, localize_records
 from mke_lightning.neuron_cache import MaskCache, model_fingerprint, settings_key
 from mke_lightning.neurons import NeuronMask
 

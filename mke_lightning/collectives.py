@@ -11,6 +11,15 @@ from __future__ import annotations
 import torch
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size of the default process group (0, 1 outside one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def gather_object(obj, world_size: int) -> list:
     """Every rank's ``obj`` in rank order (``[obj]`` on one process)."""
     if world_size == 1:

@@ -46,8 +46,9 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
-from mke_lightning.architectures import ArchSpec, num_layers, num_neurons
 from mke_lightning import key_sample
+from mke_lightning.architectures import ArchSpec, num_layers, num_neurons
+from mke_lightning.collectives import gather_object, rank_and_world
 from mke_lightning.model_loading import cache_root
 
 log = logging.getLogger(__name__)
@@ -289,21 +290,6 @@ def masked_null_space_projector(C: torch.Tensor, idx: list[int] | torch.Tensor, 
 # --------------------------------------------------------------------------- computing
 
 
-def _dist() -> tuple[int, int]:
-    """(rank, world size) of an initialised default process group, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _gather(obj, world: int) -> list:
-    if world == 1:
-        return [obj]
-    parts: list = [None] * world
-    torch.distributed.all_gather_object(parts, obj)
-    return parts
-
-
 def _check_languages(available: dict[str, list[str]], languages: list[str], where: str) -> None:
     missing = [l for l in languages if l not in available]
     if missing:
@@ -327,7 +313,7 @@ def _generated_passages(model, tokenizer, cfg: KeyStatsConfig, rank: int, world:
             )
     finally:
         model.train(was_training)
-    texts = {k: v for part in _gather(mine, world) for k, v in part.items()}
+    texts = {k: v for part in gather_object(mine, world) for k, v in part.items()}
     sample: dict[str, list[str]] = {l: [] for l in languages}
     for i, (lang, *_rest) in enumerate(plan):
         sample[lang].extend(texts[i])
@@ -364,7 +350,7 @@ def build_sample(model, tokenizer, cfg: KeyStatsConfig, folder: Path | None = No
         cached = json.loads(path.read_text(encoding="utf-8"))
         if cached.get("model_fingerprint") == fingerprint and cached.get("settings_digest") == settings_digest:
             return cached
-    rank, world = _dist()
+    rank, world = rank_and_world()
     raw = _generated_passages(model, tokenizer, cfg, rank, world) if cfg.source == "generated" else _file_passages(tokenizer, cfg)
     guard = key_sample.NgramGuard(tokenizer, key_sample.evaluation_strings(cfg.exclude), cfg.ngram)
     sample, dropped = {}, {}
@@ -413,7 +399,7 @@ def _accumulate_batch(model, rows: list[list[int]], pad_id: int, skip_first: boo
 def _collect(model, tokenizer, arch: ArchSpec, layers: list[int], rows: list[list[int]], cfg: KeyStatsConfig,
              partial: Path | None, expect: dict[str, str]) -> tuple[dict[int, torch.Tensor], int]:
     """``({layer: Σ k kᵀ [d_ff, d_ff] float64}, number of keys)`` over this rank's batches, summed over ranks."""
-    rank, world = _dist()
+    rank, world = rank_and_world()
     device = next(model.parameters()).device
     modules = {l: model.get_submodule(arch.mlp_out_name(l)) for l in layers}
     batches = [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
@@ -535,7 +521,7 @@ def key_statistics(model, tokenizer, arch: ArchSpec, cfg: KeyStatsConfig, layers
     rows = _rows(tokenizer, sample_info["sample"], cfg.max_length)
     if not rows:
         raise ValueError("key statistics: the sample is empty (every passage was dropped or the source has no text)")
-    rank, world = _dist()
+    rank, world = rank_and_world()
     partial = folder / "partial" / f"rank{rank}-of{world}.safetensors" if folder is not None else None
     t1 = time.perf_counter()
     sums, count = _collect(model, tokenizer, arch, missing, rows, cfg, partial, expect)

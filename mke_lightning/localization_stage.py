@@ -12,11 +12,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch.distributed as dist
-
 from mke_lightning.architectures import ArchSpec
-from mke_lightning.collectives import gather_object
 from mke_lightning.background import drop_busy, usual_activity
+from mke_lightning.collectives import gather_object, rank_and_world
 from mke_lightning.localization import LocalizationConfig, locate
 from mke_lightning.neuron_cache import MaskCache
 from mke_lightning.neurons import NeuronMask
@@ -37,13 +35,6 @@ class StageResult:
     """Records this rank read from the cache."""
     seconds: dict[str, float] = field(default_factory=dict)
     """Localisation seconds per computed record (this rank)."""
-
-
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the world size (0, 1 outside a process group)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def assign(ids_per_rank: list[list[str]]) -> dict[str, int]:
