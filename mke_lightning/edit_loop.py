@@ -1,6 +1,6 @@
 """One edit's update: the batch it is made from, the shared training loop, and its result.
 
-:class:`EditBatch` is what every method sees: the step's records on this rank
+:class:`EditStep` is what every method sees: the step's records on this rank
 and the whole batch's ids and united mask, the training rows of the shared
 objective, and the ranks that train it together. :func:`train_update` is the
 loop of every trained method: attach the method's update (seeded by the
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class EditBatch:
+class EditStep:
     """One step's edit, as this rank sees it."""
 
     records: list[EditRecord]
@@ -83,7 +83,7 @@ def seeded(seed: int, device: torch.device):
         yield
 
 
-def train_update(method, batch: EditBatch) -> UpdateResult:
+def train_update(method, batch: EditStep) -> UpdateResult:
     """Attach ``method``'s update and optimise the shared objective on it (the loop of every trained method).
 
     The hot path of an edit: one function so that a step reads top to bottom.

@@ -53,7 +53,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
 from mke_lightning.collectives import SharedEdit, gather_object
-from mke_lightning.edit_loop import EditBatch, UpdateResult
+from mke_lightning.edit_loop import EditStep, UpdateResult
 from mke_lightning.masked_lora import LoRAConfig, apply_delta
 from mke_lightning.methods import method_class
 from mke_lightning.methods.locate_edit import SolveConfig
@@ -299,7 +299,7 @@ class KnowledgeEditor(L.LightningModule):
         return SharedEdit(self.trainer.strategy)
 
     def edit_batch(self, records: list[EditRecord], masks: list[NeuronMask | None], ranks: SharedEdit,
-                   require_masks: bool = False) -> EditBatch | None:
+                   require_masks: bool = False) -> EditStep | None:
         """The step's edit as every method sees it (``None``: no record on any rank)."""
         prompts, targets, units = self._rows(records)
         # The whole batch, in the order one process with every rank's records would see it: the
@@ -318,7 +318,7 @@ class KnowledgeEditor(L.LightningModule):
         known = [m for _, _, _, m in every if m is not None]
         mask = None if not known else known[0] if len(known) == 1 else unite_masks(known)
         seed = zlib.crc32("\n".join([str(self.init_seed), *all_ids]).encode())
-        return EditBatch(records, masks, all_ids, mask, prompts, targets, units, sum(n for _, _, n in shares), ranks, seed)
+        return EditStep(records, masks, all_ids, mask, prompts, targets, units, sum(n for _, _, n in shares), ranks, seed)
 
     def _exclude_run_subjects(self, records: list[EditRecord]) -> None:
         """The neighbour term never uses a subject of the run's records (those of the DataModule, else these)."""
@@ -481,10 +481,7 @@ class KnowledgeEditor(L.LightningModule):
                                            "in_run": folder.resolve().relative_to(root.resolve()).as_posix() if inside else None}
         checkpoint["mke_method_state"] = self.method_impl.state_dict()  # e.g. AlphaEdit's earlier edits' keys
         if self.preservation is not None:
-            checkpoint["mke_preservation"] = {
-                "earlier": {str(l): torch.stack(k) for l, k in self.preservation.earlier.items() if k},  # [P, d_ff] per layer
-                "energy": {str(l): e for l, e in self.preservation._energy.items()},  # taken on the model of the layer's first edit
-            }
+            checkpoint["mke_preservation"] = self.preservation.state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.resumed = [EditOutcome(**d) for d in checkpoint.get("mke_edit_log", [])]
@@ -493,8 +490,7 @@ class KnowledgeEditor(L.LightningModule):
         self.method_impl.load_state_dict(checkpoint.get("mke_method_state", {}))
         kept = checkpoint.get("mke_preservation")
         if kept is not None and self.preservation is not None:
-            self.preservation.earlier = {int(l): list(t.float().unbind(0)) for l, t in kept["earlier"].items()}
-            self.preservation._energy = {int(l): float(e) for l, e in kept["energy"].items()}
+            self.preservation.load_state(kept)
         applied = [(list(item["records"]), NeuronDelta({int(l): t for l, t in item["layers"].items()}))
                    for item in checkpoint.get("mke_applied", [])]
         if self._trainer is not None and self.trainer.state.fn == "fit" and not self.trainer.strategy.restore_checkpoint_after_setup:

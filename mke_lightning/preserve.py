@@ -72,6 +72,7 @@ class Preservation:
         self._energy: dict[int, float] = {}  # layer -> tr(W C Wᵀ)
         self._sub: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (idx [n], C[idx][:, idx] [n, n]) last used
         self.earlier: dict[int, list[torch.Tensor]] = {}  # layer -> keys [d_ff] of earlier edits, each / ||W k||
+        self._stacked: dict[int, torch.Tensor] = {}  # layer -> the same keys stacked [P, d_ff], built once per edit
 
     def _statistics(self, editor):
         if self._stats is None:
@@ -105,9 +106,10 @@ class Preservation:
                 c = self._sub_moment(editor, layer, idx).to(values.device)  # [n, n]
                 v = values.float()
                 term = term + self.cfg.penalty * ((c @ v) * v).sum() / self._layer_energy(editor, layer)
-            keys = self.earlier.get(layer)
-            if self.cfg.earlier_weight > 0 and keys:
-                k = torch.stack(keys).to(values.device)[:, idx]  # [P, n]
+            if self.cfg.earlier_weight > 0 and self.earlier.get(layer):
+                if layer not in self._stacked:  # the keys change only between edits, not between steps
+                    self._stacked[layer] = torch.stack(self.earlier[layer]).to(values.device)  # [P, d_ff]
+                k = self._stacked[layer][:, idx]  # [P, n]
                 term = term + self.cfg.earlier_weight * (k @ values.float()).pow(2).sum()
             total = term if total is None else total + term
         return total
@@ -133,6 +135,7 @@ class Preservation:
             w = _out_weight(editor.causal_lm, editor.arch, layer)  # [d_model, d_ff]
             scale = (k @ w.t()).norm(dim=-1, keepdim=True).clamp(min=1e-6)  # [B, 1]: ||W k||
             self.earlier.setdefault(layer, []).extend((k / scale).cpu().unbind(0))
+            self._stacked.pop(layer, None)
 
     def bound(self, editor, delta: NeuronDelta) -> NeuronDelta:
         """Each neuron's change scaled back to ``max_norm_ratio`` x its value vector's norm."""
@@ -149,8 +152,13 @@ class Preservation:
         return NeuronDelta(out)
 
     def state(self) -> dict:
-        """What a checkpoint keeps: the earlier edits' keys (half precision)."""
-        return {str(l): torch.stack(k).half() for l, k in self.earlier.items() if k}
+        """What a checkpoint keeps: the earlier edits' keys (``[P, d_ff]`` per layer) and each layer's output
+        energy, taken on the model of the layer's first edit (a resumed run must not take it again on the
+        edited model)."""
+        return {"earlier": {str(l): torch.stack(k) for l, k in self.earlier.items() if k},
+                "energy": {str(l): e for l, e in self._energy.items()}}
 
     def load_state(self, state: dict) -> None:
-        self.earlier = {int(l): list(t.float().unbind(0)) for l, t in state.items()}
+        self.earlier = {int(l): list(t.float().unbind(0)) for l, t in state.get("earlier", {}).items()}
+        self._energy = {int(l): float(e) for l, e in state.get("energy", {}).items()}
+        self._stacked = {}

@@ -49,7 +49,7 @@ from typing import Literal
 import torch
 
 from mke_lightning.architectures import value_vectors
-from mke_lightning.edit_loop import EditBatch, UpdateResult, seeded
+from mke_lightning.edit_loop import EditStep, UpdateResult, seeded
 from mke_lightning.key_statistics import KeyStatsConfig, key_statistics
 from mke_lightning.methods.registry import EditMethod
 from mke_lightning.neuron_delta import NeuronDelta
@@ -397,7 +397,7 @@ class LocateThenEdit(EditMethod):
         ed = self.editor
         return sum(value_vectors(ed.causal_lm.get_submodule(ed.arch.mlp_out_name(l))).shape[0] for l in self.cfg.layers)
 
-    def make_update(self, batch: EditBatch) -> UpdateResult:
+    def make_update(self, batch: EditStep) -> UpdateResult:
         ed, cfg = self.editor, self.cfg
         mine = batch.records
         every = [r for part in batch.ranks.gather(mine) for r in part]  # every rank solves the whole batch alike

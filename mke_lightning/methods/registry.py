@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:  # imported for annotations only: the editor imports this module
-    from mke_lightning.edit_loop import EditBatch, UpdateResult
+    from mke_lightning.edit_loop import EditStep, UpdateResult
     from mke_lightning.neurons import NeuronMask
 
 _REGISTRY: dict[str, type["EditMethod"]] = {}
@@ -74,7 +74,7 @@ class EditMethod:
     def load_state_dict(self, state: dict) -> None:
         """Take back :meth:`state_dict`'s result when a run resumes from a checkpoint."""
 
-    def make_update(self, batch: "EditBatch") -> "UpdateResult":
+    def make_update(self, batch: "EditStep") -> "UpdateResult":
         """The edit of ``batch`` as a delta, not yet applied. Default: attach, then the shared loop."""
         from mke_lightning.edit_loop import train_update
 
