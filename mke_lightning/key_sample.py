@@ -169,30 +169,48 @@ def generation_plan(languages: list[str], tokens_per_language: int, max_length: 
 
 @torch.no_grad()
 def generate_batch(model, tokenizer, openers: list[str], language: str, batch: int, first: int, count: int, *,
-                   seed: int, max_length: int, temperature: float, top_p: float) -> list[str]:
+                   seed: int, max_length: int, temperature: float, top_p: float, top_k: int = 256) -> list[str]:
     """``count`` passages of ``language``: openers ``first, first + 1, ...`` (cycling) continued by
     sampling until each passage is ``max_length`` tokens long (end-of-sequence suppressed), decoded
-    to text. Seeded by ``(seed, language, batch)``."""
+    to text. Seeded by ``(seed, language, batch)``.
+
+    Our own sampling loop rather than ``generate``: the LM head runs at the last position only, and
+    the nucleus is taken inside the ``top_k`` most likely tokens (``topk`` over the vocabulary instead
+    of sorting all of it: Gemma's 262k-token vocabulary made the sort most of the cost on a CPU)."""
     prompts = [openers[(first + i) % len(openers)] for i in range(count)]
-    enc = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    enc = [tokenizer(p, add_special_tokens=True)["input_ids"][:max_length] for p in prompts]
     width = max(len(e) for e in enc)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    banned = sorted({tokenizer.eos_token_id, pad, *tokenizer.all_special_ids} - {None})  # never sampled: decoding drops them
     device = next(model.parameters()).device
-    ids = torch.full((count, width), pad, dtype=torch.long)  # [B, T0], left-padded for generation
+    ids = torch.full((count, width), pad, dtype=torch.long)  # [B, T0], left-padded
     mask = torch.zeros((count, width), dtype=torch.long)
     for i, e in enumerate(enc):
         ids[i, width - len(e):] = torch.tensor(e)
         mask[i, width - len(e):] = 1
-    new = max(1, max_length - min(len(e) for e in enc))
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):  # seeded sampling without touching the caller's RNG
-        torch.manual_seed(_seed(seed, language, batch))
-        out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True, temperature=temperature,
-            top_p=top_p, top_k=0, max_new_tokens=new, min_new_tokens=new, pad_token_id=pad,
-        )  # [B, T0 + new]
+    new = max(0, max_length - min(len(e) for e in enc))
+    gen = torch.Generator(device="cpu").manual_seed(_seed(seed, language, batch))
+    ids, mask = ids.to(device), mask.to(device)
+    out = [ids]
+    cur, cache = ids, None
+    for _ in range(new):
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -cur.shape[1]:]  # [B, t]: positions that skip the left padding
+        res = model(input_ids=cur, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
+        cache = res.past_key_values
+        logits = res.logits[:, -1].float() / temperature  # [B, V]
+        logits[:, banned] = float("-inf")
+        top = logits.topk(min(top_k, logits.shape[-1]), dim=-1)  # values, indices [B, k], descending
+        probs = top.values.softmax(-1)  # [B, k]
+        keep = probs.cumsum(-1) - probs < top_p  # the nucleus: tokens before the mass reaches top_p (the first always)
+        probs = (probs * keep).cpu()
+        pick = torch.multinomial(probs, 1, generator=gen).to(device)  # [B, 1]
+        cur = top.indices.gather(-1, pick)  # [B, 1]
+        out.append(cur)
+        mask = torch.cat([mask, torch.ones_like(cur)], dim=-1)
+    full = torch.cat(out, dim=-1)  # [B, T0 + new]
     texts = []
     for i, e in enumerate(enc):
-        row = out[i, width - len(e):].tolist()[: max_length]  # the opener's ids and its continuation
+        row = full[i, width - len(e):].tolist()[: max_length]  # the opener's ids and its continuation
         texts.append(tokenizer.decode(row, skip_special_tokens=True))
     return texts

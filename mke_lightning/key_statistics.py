@@ -59,7 +59,7 @@ MZSRE_LANGUAGES = ["en", "cs", "de", "nl", "es", "fr", "pt", "ru", "th", "tr", "
 SPEED_ONLY = ("cache", "cache_dir", "batch_size", "checkpoint_tokens")
 """Settings that change speed, memory or where files go, not the statistics."""
 
-_FORMAT = 1  # bump when the file layout or the definition of C changes
+_FORMAT = 2  # bump when the file layout or the definition of C changes
 
 
 @dataclass
@@ -90,6 +90,9 @@ class KeyStatsConfig:
     """Sampling temperature of the generated passages (1: the model's own distribution)."""
     top_p: float = 0.95
     """Nucleus sampling of the generated passages (cuts the tail of very unlikely tokens)."""
+    top_k: int = 256
+    """The nucleus is taken among this many most likely tokens (a bound on the candidates, so that the
+    vocabulary is never sorted whole)."""
     generation_batch: int = 12
     """Passages generated together (each batch has its own seed, so this shapes the sample)."""
     ngram: int = 8
@@ -109,8 +112,8 @@ class KeyStatsConfig:
             raise ValueError("key statistics: tokens_per_language >= 1 and max_length >= 2 are required")
         if not self.temperature > 0 or not 0 < self.top_p <= 1:
             raise ValueError("key statistics: temperature > 0 and 0 < top_p <= 1 are required")
-        if self.generation_batch < 1 or self.batch_size < 1 or self.ngram < 1 or self.checkpoint_tokens < 0:
-            raise ValueError("key statistics: generation_batch, batch_size, ngram >= 1 and checkpoint_tokens >= 0 are required")
+        if self.generation_batch < 1 or self.top_k < 1 or self.batch_size < 1 or self.ngram < 1 or self.checkpoint_tokens < 0:
+            raise ValueError("key statistics: generation_batch, top_k, batch_size, ngram >= 1 and checkpoint_tokens >= 0 are required")
         if self.languages is not None and not self.languages:
             raise ValueError("key statistics: languages is empty (None means the 12 MzsRE languages)")
 
@@ -137,7 +140,7 @@ def settings_key(cfg: KeyStatsConfig) -> dict[str, Any]:
         key["openers"] = _digest(key_sample.load_openers(cfg.openers))
     else:
         key["source"] = {"file": Path(cfg.source).name, "sha256": _file_digest(cfg.source)}
-        for name in ("openers", "temperature", "top_p", "generation_batch", "seed"):  # generation only
+        for name in ("openers", "temperature", "top_p", "top_k", "generation_batch", "seed"):  # generation only
             key.pop(name)
     key["format"] = _FORMAT
     return key
@@ -309,7 +312,7 @@ def _generated_passages(model, tokenizer, cfg: KeyStatsConfig, rank: int, world:
             lang, b, first, count = plan[i]
             mine[i] = key_sample.generate_batch(
                 model, tokenizer, openers[lang], lang, b, first, count, seed=cfg.seed, max_length=cfg.max_length,
-                temperature=cfg.temperature, top_p=cfg.top_p,
+                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
             )
     finally:
         model.train(was_training)
