@@ -310,10 +310,13 @@ def _generated_passages(model, tokenizer, cfg: KeyStatsConfig, rank: int, world:
     try:
         for i in range(rank, len(plan), world):  # batch i goes to rank i % world
             lang, b, first, count = plan[i]
+            t0 = time.perf_counter()
             mine[i] = key_sample.generate_batch(
                 model, tokenizer, openers[lang], lang, b, first, count, seed=cfg.seed, max_length=cfg.max_length,
                 temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
             )
+            log.info("key statistics: generated batch %d of %d (%s, %d passages) in %.1f s", i + 1, len(plan), lang, count,
+                     time.perf_counter() - t0)
     finally:
         model.train(was_training)
     texts = {k: v for part in gather_object(mine, world) for k, v in part.items()}
@@ -574,6 +577,7 @@ def compute_main(args: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--exclude", nargs="*", default=[], help="benchmark files/folders the sample must not overlap")
     p.add_argument("--cache-dir", default=None)
     ns = p.parse_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress of the generation and of the sums
     model, tokenizer, arch = load_causal_lm(ModelConfig(name_or_path=ns.model, dtype=ns.dtype))
     cfg = KeyStatsConfig(languages=ns.languages, tokens_per_language=ns.tokens_per_language, max_length=ns.max_length,
                          seed=ns.seed, source=ns.source, exclude=ns.exclude, cache_dir=ns.cache_dir)
