@@ -117,8 +117,12 @@ def settings_key(cfg: LocalizationConfig, edit_language: str) -> dict[str, Any]:
     return key
 
 
-def record_digest(record: EditRecord) -> str:
-    return _digest(record.to_dict())
+def record_digest(record: EditRecord, languages: list[str] | None = None) -> str:
+    """Digest of ``record``, of only its ``languages`` when given (what localisation reads of it)."""
+    whole = record.to_dict()
+    if languages is not None:
+        whole["languages"] = {l: whole["languages"][l] for l in languages if l in whole["languages"]}
+    return _digest(whole)
 
 
 class MaskCache:
@@ -131,6 +135,9 @@ class MaskCache:
         base = Path(root).expanduser() if root else cache_root() / "neuron-masks"
         self.folder = base / f"{fingerprint[:16]}-{self.settings_digest[:16]}"
         self.method = cfg.attribution.method
+        # localisation reads the record in these languages only: a run that loads more or fewer
+        # evaluation languages of the same records finds the same masks
+        self.languages = list(dict.fromkeys([*cfg.cross_languages, edit_language]))
 
     def path(self, record: EditRecord) -> Path:
         # Record ids are free text; the file is named by a digest of the id.
@@ -140,7 +147,7 @@ class MaskCache:
         return {
             "model_fingerprint": self.fingerprint,
             "settings_digest": self.settings_digest,
-            "record_digest": record_digest(record),
+            "record_digest": record_digest(record, self.languages),
             "method": self.method,
             "settings": self.settings,
         }
@@ -157,7 +164,9 @@ class MaskCache:
             return None
         want = self.metadata(record)
         meta = mask.metadata
-        if mask.record_id != record.id or any(meta.get(k) != want[k] for k in ("model_fingerprint", "settings_digest", "record_digest")):
+        if mask.record_id != record.id or any(meta.get(k) != want[k] for k in ("model_fingerprint", "settings_digest")):
+            return None
+        if meta.get("record_digest") not in (want["record_digest"], record_digest(record)):  # also: saved under the whole record's digest
             return None
         return mask
 

@@ -103,6 +103,23 @@ def test_cache_is_reused_and_invalidated(tmp_path, tiny_llama_dir, monkeypatch):
     assert calls == ["r0", "r1"]
 
 
+def test_a_run_with_other_evaluation_languages_finds_the_same_masks(tmp_path, tiny_llama_dir, monkeypatch):
+    """Localisation reads a record in the edit and cross languages only: loading the records with more or
+    fewer evaluation languages (a slice run beside a full one) neither recomputes nor overwrites."""
+    model, tok, arch = load_causal_lm(ModelConfig(name_or_path=str(tiny_llama_dir)))
+    full = toy_record("r0")  # en, fr, de; CFG crosses en and fr
+    slim = toy_record("r0")
+    del slim["languages"]["de"]
+    calls = _counting(monkeypatch)
+    _run(model, tok, arch, [record_from_dict(full)], CFG, tmp_path)
+    _run(model, tok, arch, [record_from_dict(slim)], CFG, tmp_path)
+    again = _run(model, tok, arch, [record_from_dict(full)], CFG, tmp_path)
+    assert calls == ["r0"] and again.reused == ["r0"]
+    slim["languages"]["fr"]["prompt"] = "la ville de la tour est"  # what localisation reads did change
+    _run(model, tok, arch, [record_from_dict(slim)], CFG, tmp_path)
+    assert calls == ["r0", "r0"]
+
+
 def test_killed_run_resumes_without_recomputing_finished_records(tmp_path, tiny_llama_dir, monkeypatch):
     model, tok, arch = load_causal_lm(ModelConfig(name_or_path=str(tiny_llama_dir)))
     records = _records(4)
