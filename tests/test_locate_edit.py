@@ -138,8 +138,11 @@ def test_an_alphaedit_update_leaves_the_preserved_keys_outputs_unchanged(tiny_ll
 
 def test_sequential_alphaedit_keeps_an_earlier_edits_keys(tiny_llama_dir):
     a, b = two_fact_records()
+    # one mean key per edit and keep_other_positions off: on a 64-neuron layer the rows and the prompts' other
+    # tokens span most of the key space, leaving the subject's key little of its own to write (the test is
+    # about the earlier keys; the real-model test below runs the defaults)
     ed = _editor(tiny_llama_dir, "alphaedit", [1], protocol="sequential", null_mode="absolute", null_threshold=1e-7,
-                 clamp_norm_factor=20.0)
+                 clamp_norm_factor=20.0, keep_other_positions=0.0, keys="mean")
     seen = []
     remember = ed.method_impl.remember
     ed.method_impl.remember = lambda layer, keys: (seen.append(keys.clone()), remember(layer, keys))
@@ -253,3 +256,41 @@ def test_the_cached_prefix_gives_the_same_logits(model_dir, toy_records):
     for c, p, t in zip(cached, packed, rows.targets):
         assert c.shape == p.shape == (len(t), ed.causal_lm.config.vocab_size)
         assert torch.allclose(c, p, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the embedded model
+
+
+@pytest.mark.real_model
+def test_real_alphaedit_edit_holds_and_leaves_its_locality_probe(real_model, mzsre_dir, tmp_path_factory):
+    """One MzsRE edit with configs/mzsre/alphaedit.yaml's solve settings (statistics over a small English
+    sample, so that the test computes them in about a minute): the edit is written (reliability >= 0.9
+    from < 0.5) and the record's locality probe keeps the pre-edit answer (>= 0.9); undone exactly."""
+    import yaml
+
+    from mke_lightning.data import read_mzsre
+    from mke_lightning.evaluation import EditEvaluator, build_items
+
+    model, tok, arch = real_model
+    solve = yaml.safe_load(open("configs/mzsre/alphaedit.yaml"))["model"]["solve"]
+    solve["stats"] = KeyStatsConfig(languages=["en"], tokens_per_language=512,
+                                    cache_dir=str(tmp_path_factory.mktemp("key-stats")))
+    ed = KnowledgeEditor(method="alphaedit", solve=SolveConfig(**solve))
+    ed.causal_lm, ed.tokenizer, ed.arch = model, tok, arch
+    record = read_mzsre(mzsre_dir, ["en"])[1]
+    ev = EditEvaluator(tok)
+    items = [i for i in build_items(record, ["en"]) if i.measure in ("reliability", "locality")]
+    refs = ev.references(model, items)
+
+    def measured():
+        rows = ev.score(model, items, refs)
+        return {m: min(r["token_acc"] for r in rows if r["measure"] == m) for m in ("reliability", "locality")}
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pre = measured()
+    out = ed.edit(record, None)
+    post = measured()
+    ed.restore()
+    assert out.failed is None and pre["reliability"] < 0.5
+    assert post["reliability"] >= 0.9 and post["locality"] >= 0.9, (pre, post, out)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

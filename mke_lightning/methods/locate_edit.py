@@ -96,6 +96,18 @@ class SolveConfig:
     only (the logits are the same up to rounding); off, or where a sliding window would cut the rows,
     every step runs the whole rows."""
     """Seed of the prefixes' sampling (the same prefixes for every edit of a run)."""
+    keys: Literal["rows", "mean"] = "rows"
+    """Which keys the closed form fits: ``rows``, each training row's own key at the subject (the bare
+    prompt's and each context's, all mapped to the unit's target); ``mean``, one key per unit averaged
+    over its rows (the papers' reading). On the embedded model a subject's keys behind different
+    contexts differ enough that a fit of their mean leaves the bare prompt's P(target_new) near 0
+    (docs/methods.md)."""
+    keep_other_positions: float = 1.0
+    """Weight of the training rows' other positions in the fit: every token of the edit prompts (and their
+    targets) but the subject's last one keeps its output, ``ΔW k ≈ 0``, as ``δ`` was optimised with them
+    unchanged. A subject's earlier tokens have keys close to its last one's, so without this the solved
+    update moves them too and undoes the edit on the embedded model (docs/methods.md). 0: off, the papers'
+    reading."""
     mom2_weight: float = 1.0
     """MEMIT's ``λ``: weight of the key second moment ``C`` (a per-key average) against the edit keys'
     ``K Kᵀ`` in ``ΔW (λ C + K Kᵀ) = R Kᵀ``. Larger: smaller, more conservative updates."""
@@ -427,7 +439,8 @@ class LocateThenEdit(EditMethod):
         return UpdateResult(delta, steps, loss, p_new, counts)
 
     def _target_vectors(self, rows: EditRows):
-        """Optimise ``δ`` per layer and unit; returns ``((v* per layer [U, d_model], keys per layer [U, d_ff]), steps, loss)``."""
+        """Optimise ``δ`` per layer and unit; returns ``((v* per layer, keys per layer), steps, loss)``: one
+        pair per row (``[N, d_model]``, ``[N, d_ff]``, ``keys: rows``) or per unit (``[U, ...]``, ``keys: mean``)."""
         ed, cfg = self.editor, self.cfg
         model = ed.causal_lm
         fwd = row_forward(model, rows, ed.tokenizer.pad_token_id, ed.device, cfg.cached_prefix)
@@ -479,10 +492,14 @@ class LocateThenEdit(EditMethod):
             values, keys = {}, {}
             for l in cfg.layers:
                 k = hooks.keys[l][nll_rows]  # [N, d_ff]
+                out = hooks.outputs[l][nll_rows]  # [N, d_model]
                 unit = row_unit[nll_rows].to(k.device)
+                if cfg.keys == "rows":  # each row's key maps to its own output plus its unit's δ
+                    keys[l] = k  # [N, d_ff]
+                    values[l] = (out + hooks.deltas[l].detach()[unit]).double()  # [N, d_model]
+                    continue
                 n = torch.bincount(unit, minlength=n_units).to(k.device)[:, None]
                 keys[l] = torch.zeros(n_units, k.shape[1], device=k.device).index_add_(0, unit, k) / n  # [U, d_ff]
-                out = hooks.outputs[l][nll_rows]
                 mean_out = torch.zeros(n_units, out.shape[1], device=out.device).index_add_(0, unit, out) / n  # [U, d_model]
                 values[l] = (mean_out + hooks.deltas[l].detach()).double()  # [U, d_model]
         finally:
@@ -491,7 +508,8 @@ class LocateThenEdit(EditMethod):
 
     @torch.no_grad()
     def _keys_now(self, rows: EditRows, layer: int, on_top: list) -> torch.Tensor:
-        """The units' mean keys at ``layer`` on the model with the lower layers' updates on top: ``[U, d_ff]``."""
+        """The keys at ``layer`` on the model with the lower layers' updates on top: ``[N, d_ff]`` per row
+        (``keys: rows``) or ``[U, d_ff]`` per unit (``keys: mean``)."""
         ed = self.editor
         nll = rows.nll_rows
         prompts = [rows.prompts[i] for i in nll]
@@ -508,10 +526,42 @@ class LocateThenEdit(EditMethod):
         finally:
             hooks.remove()
         k = hooks.keys[layer]  # [N, d_ff]
+        if self.cfg.keys == "rows":
+            return k
         unit = torch.tensor([rows.row_unit[i] for i in nll], device=k.device)
         n_units = len(rows.units)
         n = torch.bincount(unit, minlength=n_units)[:, None]
         return torch.zeros(n_units, k.shape[1], device=k.device).index_add_(0, unit, k) / n
+
+    @torch.no_grad()
+    def _other_keys(self, rows: EditRows, layer: int) -> torch.Tensor:
+        """Keys at ``layer`` of every position of the NLL rows (prompt and target) but the subject's last
+        token and the padding, on the model as it is now (lower layers' updates on top): ``[M, d_ff]``."""
+        ed = self.editor
+        nll = rows.nll_rows
+        batch = pack([rows.prompts[i] for i in nll], [rows.targets[i] for i in nll], ed.tokenizer.pad_token_id).to(ed.device)
+        width = batch.input_ids.shape[1]
+        keep = batch.attention_mask.bool().clone()  # [N, T]
+        for j, i in enumerate(nll):
+            row_len = len(rows.prompts[i]) + len(rows.targets[i]) - 1
+            start = width - row_len
+            keep[j, start] = False  # BOS: its activations are outliers no edit touches
+            keep[j, start + rows.subject_pos[i]] = False
+        got: dict[str, torch.Tensor] = {}
+
+        def grab(module, args):
+            got["k"] = args[0].detach()
+            raise _Stop
+
+        handle = ed.causal_lm.get_submodule(ed.arch.mlp_out_name(layer)).register_forward_pre_hook(grab)
+        try:
+            ed.causal_lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         position_ids=batch.position_ids, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return got["k"][keep.to(got["k"].device)].float()  # [M, d_ff]
 
     @torch.no_grad()
     def _solve(self, rows: EditRows, values: dict, keys_opt: dict) -> NeuronDelta | None:
@@ -526,7 +576,12 @@ class LocateThenEdit(EditMethod):
                 w = self.weight(l)  # [d_model, d_ff]
                 k = keys.T.double()  # [d_ff, U]
                 resid = values[l].T - w @ k  # [d_model, U]
-                dw = self.solve_layer(l, k, resid)  # [d_model, d_ff]
+                fit_k, fit_r = k, resid
+                if cfg.keep_other_positions > 0:  # the rows' other tokens keep their outputs: ΔW k_o ≈ 0
+                    other = self._other_keys(rows, l).T.double() * math.sqrt(cfg.keep_other_positions)  # [d_ff, M]
+                    fit_k = torch.cat([k, other], dim=1)
+                    fit_r = torch.cat([resid, resid.new_zeros(resid.shape[0], other.shape[1])], dim=1)
+                dw = self.solve_layer(l, fit_k, fit_r)  # [d_model, d_ff]
                 if not torch.isfinite(dw).all():
                     return None
                 idx = torch.arange(dw.shape[1], device=dw.device)
