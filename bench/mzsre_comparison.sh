@@ -8,7 +8,8 @@
 #
 # DATA_DIR defaults to ../shared/data/mzsre; RUN names (default: all, in this
 # order): ft_l memla lora memla-no_independent memla-no_specific lafn
-# memla-sequential lafn-sequential; also memla-busy_filter (MEMLA with busy
+# memla-sequential lafn-sequential; also rome memit alphaedit alphaedit-sequential
+# memit-sequential (the locate-then-edit family, docs/methods.md) and memla-busy_filter (MEMLA with busy
 # neurons dropped from its masks, configs/mzsre/busy_filter.yaml). Outputs: runs/mzsre-<RUN>/version_0/
 # (results.json, edits.csv, heatmaps, deltas/), then the comparison in
 # runs/mzsre-compare/ (mke report). MKE_RUNS=DIR puts them under DIR instead of
@@ -48,11 +49,11 @@ run() {  # run NAME CONFIG [EXTRA ARGS...]
 
 for r in "${RUNS[@]}"; do
   case $r in
-    ft_l | memla | lora | lafn) run "$r" "configs/mzsre/$r.yaml" ;;
+    ft_l | memla | lora | lafn | rome | memit | alphaedit) run "$r" "configs/mzsre/$r.yaml" ;;
     memla-no_independent) run "$r" configs/mzsre/memla.yaml --model.lora.categories '[specific]' ;;
     memla-no_specific) run "$r" configs/mzsre/memla.yaml --model.lora.categories '[independent]' ;;
     memla-busy_filter) run "$r" configs/mzsre/memla.yaml --config configs/mzsre/busy_filter.yaml ;;
-    memla-sequential | lafn-sequential)
+    memla-sequential | lafn-sequential | alphaedit-sequential | memit-sequential)
       run "$r" "configs/mzsre/${r%-sequential}.yaml" --model.protocol sequential ;;
     *) echo "unknown run $r" >&2; exit 2 ;;
   esac

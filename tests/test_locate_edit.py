@@ -240,6 +240,33 @@ def test_a_locate_then_edit_method_runs_through_mke_fit(tmp_path, tiny_llama_dir
     assert any((tmp_path / "key-stats").rglob("layers/1.safetensors"))  # statistics of the edit layers, cached
 
 
+def test_the_rows_other_positions_are_every_token_but_bos_the_subject_and_padding(tiny_llama_dir, toy_records):
+    """``keep_other_positions`` fits ``ΔW k ≈ 0`` on these keys: each NLL row's prompt and target tokens
+    (the row as the optimiser ran it) less its BOS and its subject's last token, nothing of the padding."""
+    from mke_lightning.methods.locate_edit import EditRows
+
+    ed = _editor(tiny_llama_dir, "memit", [1])
+    impl = ed.method_impl
+    rows = EditRows(ed.tokenizer, toy_records, ["en"], "en", impl.contexts())
+    other = impl._other_keys(rows, 1)  # [M, d_ff]
+    lengths = [len(rows.prompts[i]) + len(rows.targets[i]) - 1 for i in rows.nll_rows]
+    assert len(set(lengths)) > 1  # rows of different lengths: padding is present
+    assert other.shape == (sum(n - 2 for n in lengths), ed.causal_lm.config.intermediate_size)
+    # the same keys, row by row without padding
+    expect = []
+    for i in rows.nll_rows:
+        ids = torch.tensor([rows.prompts[i] + rows.targets[i][:-1]])
+        caught = {}
+        h = ed.causal_lm.get_submodule(ed.arch.mlp_out_name(1)).register_forward_pre_hook(
+            lambda m, a: caught.__setitem__("k", a[0][0]))
+        with torch.no_grad():
+            ed.causal_lm(input_ids=ids)
+        h.remove()
+        keep = [j for j in range(ids.shape[1]) if j not in (0, rows.subject_pos[i])]
+        expect.append(caught["k"][keep])
+    torch.testing.assert_close(other, torch.cat(expect).float(), atol=1e-4, rtol=1e-4)
+
+
 # ---------------------------------------------------------------- the embedded model
 
 
