@@ -114,6 +114,42 @@ def test_alphaedit_equals_its_full_space_formula(model_dir):
     assert torch.allclose(dw, direct, atol=1e-7 * direct.abs().max())
 
 
+def test_the_neuron_masked_solves_are_their_closed_forms_on_the_chosen_neurons(model_dir):
+    """``solve.neurons``: MEMIT's masked solve is the weighted least squares over those columns alone (``C``
+    restricted to them), ROME's meets the keys exactly with them alone, AlphaEdit's stays in the null
+    space of the restricted ``C``."""
+    idx = torch.tensor([1, 4, 7, 9, 12, 20, 31, 40])
+    ed = _editor(model_dir, "memit", [1], mom2_weight=3.0)
+    k, r = _problem(ed, 1)
+    dw = ed.method_impl.solve_masked(1, k[idx], r, idx)  # [d_model, n]
+    ell = torch.linalg.cholesky(ed.method_impl.regularised(1)[idx][:, idx])
+    a = torch.cat([k[idx], (3.0 ** 0.5) * ell], dim=1)
+    b = torch.cat([r, torch.zeros(r.shape[0], len(idx), dtype=torch.float64)], dim=1)
+    direct = torch.linalg.lstsq(a.T, b.T).solution.T
+    assert dw.shape == (r.shape[0], len(idx)) and torch.allclose(dw, direct, atol=1e-7 * direct.abs().max())
+    rome = _editor(model_dir, "rome", [1], texts=TEXT * 8)
+    k, r = _problem(rome, 1)
+    assert torch.allclose(rome.method_impl.solve_masked(1, k[idx], r, idx) @ k[idx], r, atol=1e-7)
+    ae = _editor(model_dir, "alphaedit", [1], null_mode="absolute", null_threshold=1e-6)
+    k, r = _problem(ae, 1)
+    c = ae.method_impl.second_moment(1)[idx][:, idx]
+    dw = ae.method_impl.solve_masked(1, k[idx], r, idx)
+    used = c.diagonal() > 0  # the restricted C's range: an update confined to its null space leaves it alone
+    assert torch.allclose(dw @ c, torch.zeros_like(dw @ c), atol=1e-6 * float(c.abs().max()) * float(dw.abs().max()) + 1e-12)
+    assert used.any()
+
+
+def test_a_neuron_masked_edit_changes_only_the_chosen_neurons(tiny_llama_dir, toy_records):
+    ed = _editor(tiny_llama_dir, "memit", [0, 1], neurons=5, clamp_norm_factor=20.0)
+    before = {k: v.clone() for k, v in ed.causal_lm.state_dict().items()}
+    out = ed.edit(toy_records[0], None)
+    assert out.failed is None and out.neurons == 2 * 5
+    for layer, dw in out_projection_changes(ed, before).items():
+        moved = (dw.abs().sum(dim=0) > 0).sum().item()  # neurons whose value vector changed
+        assert 0 < moved <= 5, (layer, moved)
+    ed.restore()
+
+
 # ---------------------------------------------------------------- preservation
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from mke_lightning.key_statistics import null_space_projector
+from mke_lightning.key_statistics import masked_null_space_projector, null_space_projector
 from mke_lightning.methods.locate_edit import LocateThenEdit
 from mke_lightning.methods.registry import register
 
@@ -84,6 +84,14 @@ class AlphaEdit(LocateThenEdit):
     def solve_layer(self, layer, keys, resid):
         u = self.basis(layer)
         return projected_solve(u, self.cfg.earlier_weight * self._reduced(layer), keys, resid, self._l2[layer])
+
+    def solve_masked(self, layer, keys, resid, idx):
+        c = self.second_moment(layer)  # [d_ff, d_ff]
+        u = null_basis(masked_null_space_projector(c, idx, self.cfg.null_threshold, self.cfg.null_mode))  # [n, r]
+        cp = self.earlier.get(layer)
+        earlier = u.T @ cp.to(u.device)[idx][:, idx] @ u if cp is not None else u.new_zeros(u.shape[1], u.shape[1])
+        l2 = self.cfg.l2 * max(float(torch.diagonal(c).mean()), 1e-30)
+        return projected_solve(u, self.cfg.earlier_weight * earlier, keys, resid, l2)
 
     def remember(self, layer: int, keys: torch.Tensor) -> None:
         if self.editor.protocol != "sequential":  # single and batch undo every edit: nothing to keep

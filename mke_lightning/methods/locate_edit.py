@@ -108,6 +108,10 @@ class SolveConfig:
     unchanged. A subject's earlier tokens have keys close to its last one's, so without this the solved
     update moves them too and undoes the edit on the embedded model (docs/methods.md). 0: off, the papers'
     reading."""
+    neurons: int | None = None
+    """Neuron-masked solve: per layer, only the ``neurons`` value vectors that carry most of the full
+    solution (largest column norms of its ``ΔW``) change, solved again on them alone with ``C``
+    restricted to them (null: every neuron of the layer, the papers' dense update)."""
     mom2_weight: float = 1.0
     """MEMIT's ``λ``: weight of the key second moment ``C`` (a per-key average) against the edit keys'
     ``K Kᵀ`` in ``ΔW (λ C + K Kᵀ) = R Kᵀ``. Larger: smaller, more conservative updates."""
@@ -137,6 +141,8 @@ class SolveConfig:
             raise ValueError(f"solve.contexts is at most {len(CONTEXT_OPENERS)}")
         if not self.v_lr > 0 or self.v_weight_decay < 0 or self.kl_factor < 0 or not self.clamp_norm_factor > 0:
             raise ValueError("solve: v_lr > 0, v_weight_decay >= 0, kl_factor >= 0 and clamp_norm_factor > 0 are required")
+        if self.neurons is not None and self.neurons < 1:
+            raise ValueError(f"solve.neurons must be >= 1 or null, got {self.neurons}")
         if not 0 < self.v_stop_prob <= 1:
             raise ValueError("solve.v_stop_prob must be in (0, 1]")
         if not self.mom2_weight > 0 or self.ridge < 0 or not self.l2 > 0 or self.earlier_weight < 0:
@@ -405,9 +411,14 @@ class LocateThenEdit(EditMethod):
         """Called with each layer's keys ``[d_ff, U]`` once the update is made (AlphaEdit keeps them)."""
 
     # -- the edit ---------------------------------------------------------------
+    def solve_masked(self, layer: int, keys: torch.Tensor, resid: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The change of neurons ``idx [n]`` only: ``[d_model, n]`` for their keys ``[n, U]`` (``solve.neurons``)."""
+        raise ValueError(f"method {self.name} has no neuron-masked solve (model.solve.neurons)")
+
     def neuron_count(self, mask, handle) -> int:
         ed = self.editor
-        return sum(value_vectors(ed.causal_lm.get_submodule(ed.arch.mlp_out_name(l))).shape[0] for l in self.cfg.layers)
+        sizes = [value_vectors(ed.causal_lm.get_submodule(ed.arch.mlp_out_name(l))).shape[0] for l in self.cfg.layers]
+        return sum(min(n, self.cfg.neurons or n) for n in sizes)
 
     def make_update(self, batch: EditStep) -> UpdateResult:
         ed, cfg = self.editor, self.cfg
@@ -582,10 +593,13 @@ class LocateThenEdit(EditMethod):
                     fit_k = torch.cat([k, other], dim=1)
                     fit_r = torch.cat([resid, resid.new_zeros(resid.shape[0], other.shape[1])], dim=1)
                 dw = self.solve_layer(l, fit_k, fit_r)  # [d_model, d_ff]
+                idx = torch.arange(dw.shape[1], device=dw.device)
+                if cfg.neurons is not None and cfg.neurons < dw.shape[1]:  # the neurons carrying most of it, solved alone
+                    idx = dw.norm(dim=0).topk(cfg.neurons).indices.sort().values  # [n]
+                    dw = self.solve_masked(l, fit_k[idx], fit_r, idx)  # [d_model, n]
                 if not torch.isfinite(dw).all():
                     return None
-                idx = torch.arange(dw.shape[1], device=dw.device)
-                out[l] = (idx, dw.T.to(torch.float32).contiguous())  # [d_ff], [d_ff, d_model]
+                out[l] = (idx, dw.T.to(torch.float32).contiguous())  # [n], [n, d_model]
                 solved_keys[l] = k
                 if i + 1 < len(cfg.layers):
                     on_top.append(NeuronDelta({l: out[l]}).apply_on_top(ed.causal_lm, ed.arch))

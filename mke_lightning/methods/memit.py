@@ -42,3 +42,7 @@ class MEMIT(LocateThenEdit):
 
     def solve_layer(self, layer, keys, resid):
         return weighted_solve(self.inverse(layer), keys, resid)
+
+    def solve_masked(self, layer, keys, resid, idx):
+        a = self.cfg.mom2_weight * self.regularised(layer)[idx][:, idx]  # λ C restricted to the neurons [n, n]
+        return weighted_solve(torch.cholesky_inverse(torch.linalg.cholesky(a)), keys, resid)

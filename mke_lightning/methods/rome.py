@@ -42,3 +42,7 @@ class ROME(LocateThenEdit):
 
     def solve_layer(self, layer, keys, resid):
         return equality_solve(self.inverse(layer), keys, resid)
+
+    def solve_masked(self, layer, keys, resid, idx):
+        c = self.regularised(layer)[idx][:, idx]  # [n, n]
+        return equality_solve(torch.cholesky_inverse(torch.linalg.cholesky(c)), keys, resid)
