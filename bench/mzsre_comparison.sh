@@ -8,8 +8,10 @@
 #
 # DATA_DIR defaults to ../shared/data/mzsre; RUN names (default: all, in this
 # order): ft_l memla lora memla-no_independent memla-no_specific lafn
-# memla-sequential lafn-sequential; also rome memit alphaedit alphaedit-sequential
-# memit-sequential (the locate-then-edit family, docs/methods.md) and memla-busy_filter (MEMLA with busy
+# memla-sequential lafn-sequential (MEMLA in the authors' reading, configs/mzsre/memla_authors.yaml);
+# also memla-preserve memla-preserve-sequential (configs/mzsre/memla.yaml as shipped, with
+# preservation), rome memit alphaedit alphaedit-sequential memit-sequential (the locate-then-edit
+# family, docs/methods.md) and memla-busy_filter (MEMLA with busy
 # neurons dropped from its masks, configs/mzsre/busy_filter.yaml). Outputs: runs/mzsre-<RUN>/version_0/
 # (results.json, edits.csv, heatmaps, deltas/), then the comparison in
 # runs/mzsre-compare/ (mke report). MKE_RUNS=DIR puts them under DIR instead of
@@ -24,6 +26,7 @@ if [ ${#RUNS[@]} -eq 0 ]; then
   RUNS=(ft_l memla lora memla-no_independent memla-no_specific lafn memla-sequential lafn-sequential)
 fi
 MKE=${MKE:-mke}
+AUTHORS=configs/mzsre/memla_authors.yaml   # the eight runs' MEMLA: no preservation terms
 OUT=${MKE_RUNS:-runs}
 
 run() {  # run NAME CONFIG [EXTRA ARGS...]
@@ -49,11 +52,15 @@ run() {  # run NAME CONFIG [EXTRA ARGS...]
 
 for r in "${RUNS[@]}"; do
   case $r in
-    ft_l | memla | lora | lafn | rome | memit | alphaedit) run "$r" "configs/mzsre/$r.yaml" ;;
-    memla-no_independent) run "$r" configs/mzsre/memla.yaml --model.lora.categories '[specific]' ;;
-    memla-no_specific) run "$r" configs/mzsre/memla.yaml --model.lora.categories '[independent]' ;;
-    memla-busy_filter) run "$r" configs/mzsre/memla.yaml --config configs/mzsre/busy_filter.yaml ;;
-    memla-sequential | lafn-sequential | alphaedit-sequential | memit-sequential)
+    ft_l | lora | lafn | rome | memit | alphaedit) run "$r" "configs/mzsre/$r.yaml" ;;
+    memla) run "$r" configs/mzsre/memla.yaml --config configs/mzsre/memla_authors.yaml ;;
+    memla-preserve) run "$r" configs/mzsre/memla.yaml ;;
+    memla-no_independent) run "$r" configs/mzsre/memla.yaml --config "$AUTHORS" --model.lora.categories '[specific]' ;;
+    memla-no_specific) run "$r" configs/mzsre/memla.yaml --config "$AUTHORS" --model.lora.categories '[independent]' ;;
+    memla-busy_filter) run "$r" configs/mzsre/memla.yaml --config "$AUTHORS" --config configs/mzsre/busy_filter.yaml ;;
+    memla-sequential) run "$r" configs/mzsre/memla.yaml --config "$AUTHORS" --model.protocol sequential ;;
+    memla-preserve-sequential) run "$r" configs/mzsre/memla.yaml --model.protocol sequential ;;
+    lafn-sequential | alphaedit-sequential | memit-sequential)
       run "$r" "configs/mzsre/${r%-sequential}.yaml" --model.protocol sequential ;;
     *) echo "unknown run $r" >&2; exit 2 ;;
   esac
