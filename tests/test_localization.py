@@ -297,7 +297,7 @@ def test_unreadable_mask_file_is_a_clear_error(tmp_path):
 
 
 def test_the_cache_key_of_existing_settings_does_not_move_when_settings_are_added():
-    """MzsRE MEMLA's settings (configs/mzsre/memla.yaml) keep the digest their masks were cached under
+    """MzsRE MEMLA's earlier settings (configs/mzsre/memla.yaml with 10 evenly spaced points) keep the digest their masks were cached under
     before ``background`` and ``relative_to_background`` existed; a setting at a new value does move it."""
     from dataclasses import replace
 
