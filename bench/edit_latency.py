@@ -17,12 +17,12 @@ import time
 
 import torch
 
-from mke_lightning.attribution import AttributionConfig
+from mke_lightning.localization.attribution import AttributionConfig
 from mke_lightning.data import demo_records
-from mke_lightning.editor import KnowledgeEditor
-from mke_lightning.evaluation import EditEvaluator, build_items
-from mke_lightning.localization import LocalizationConfig, locate
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
+from mke_lightning.editing.editor import KnowledgeEditor
+from mke_lightning.evaluation.evaluator import EditEvaluator, build_items
+from mke_lightning.localization.locate import LocalizationConfig, locate
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 
 def main() -> None:

@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 from mke_lightning.data import read_mzsre
-from mke_lightning.methods.locate_edit import subject_end
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.scoring import encode_prompt, left_pad
+from mke_lightning.editing.methods.locate_edit import subject_end
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
+from mke_lightning.modeling.forward import encode_prompt, left_pad
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "mzsre"
 
@@ -115,9 +115,9 @@ def trace(model, tok, arch, records, noise: float, samples: int, window: int, se
 
 
 def rome_sweep(model, tok, arch, records, layers: list[int], solve_overrides: dict) -> list[dict]:
-    from mke_lightning.editor import KnowledgeEditor
-    from mke_lightning.evaluation import EditEvaluator, build_items
-    from mke_lightning.methods.locate_edit import SolveConfig
+    from mke_lightning.editing.editor import KnowledgeEditor
+    from mke_lightning.evaluation.evaluator import EditEvaluator, build_items
+    from mke_lightning.editing.methods.locate_edit import SolveConfig
 
     ev = EditEvaluator(tok)
     items = {r.id: build_items(r, ["en"], ("reliability", "generality", "locality")) for r in records}
@@ -145,9 +145,9 @@ def time_methods(model, tok, arch, records, configs: list[str], stub_stats: bool
     """Seconds per edit (wall and process CPU) of each config's method, the statistics already in memory."""
     import yaml
 
-    from mke_lightning.editor import KnowledgeEditor
-    from mke_lightning.key_statistics import KeyStatistics, KeyStatsConfig
-    from mke_lightning.methods.locate_edit import SolveConfig
+    from mke_lightning.editing.editor import KnowledgeEditor
+    from mke_lightning.editing.key_statistics import KeyStatistics, KeyStatsConfig
+    from mke_lightning.editing.methods.locate_edit import SolveConfig
 
     out = {}
     for path in configs:

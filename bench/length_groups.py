@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from mke_lightning.data.mzsre import read_mzsre
-from mke_lightning.editor import EditLossConfig, KnowledgeEditor
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.scoring import encode_prompt, grouped_target_logits, pack_groups, row_logprobs
+from mke_lightning.editing.editor import EditLossConfig, KnowledgeEditor
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
+from mke_lightning.modeling.forward import encode_prompt, grouped_target_logits, pack_groups, row_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
 LANGS = ["en", "cs", "de", "nl", "es", "fr", "pt", "ru", "th", "tr", "vi", "zh"]

@@ -8,7 +8,7 @@ all layers at once, zero baseline, ``memory_budget_mb: 1024``, threshold 0.3,
 cross languages en, zh, fr, language fraction 1.0, edit language en, every
 paraphrase), except the rule and its number of points. The reference is the
 authors' path: ``right_riemann`` with 20 points. Every record is localised
-once per setting with :func:`~mke_lightning.localization.locate` (the whole
+once per setting with :func:`~mke_lightning.localization.locate.locate` (the whole
 localisation: prompts, old answers, answer rows, attribution, selection), the
 settings in a different order for each record so that the load of a shared
 machine falls on all of them alike.
@@ -36,12 +36,12 @@ from dataclasses import replace
 
 import torch
 
-from mke_lightning.attribution import QUADRATURES, AttributionConfig
+from mke_lightning.localization.attribution import QUADRATURES, AttributionConfig
 from mke_lightning.data.mzsre import MzsreParser
 from mke_lightning.data.source import RecordSource
-from mke_lightning.localization import LocalizationConfig, locate
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.neurons import NeuronMask
+from mke_lightning.localization.locate import LocalizationConfig, locate
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
+from mke_lightning.localization.neurons import NeuronMask
 
 REFERENCE = "right_riemann:20"
 CATEGORIES = ("independent", "specific")
@@ -132,7 +132,7 @@ def main() -> None:
         print(f"{record.id}: reference {seconds[names[0]][-1]:.2f}s, {ref.count('independent')}+{ref.count('specific')} neurons; {line}", flush=True)
 
     # IG rows per record: (prompt, answer token) rows x points, counted from each record's prompts and old answers.
-    from mke_lightning.localization import localisation_prompts, old_answers
+    from mke_lightning.localization.locate import localisation_prompts, old_answers
 
     for record in records:
         entries, _ = localisation_prompts(tok, record, langs, base)

@@ -26,10 +26,10 @@ import time
 
 import torch
 
-from mke_lightning.attribution import AttributionConfig, attribute_rows, attribute_rows_loop
+from mke_lightning.localization.attribution import AttributionConfig, attribute_rows, attribute_rows_loop
 from mke_lightning.data import demo_records
-from mke_lightning.localization import LocalizationConfig, answer_rows, localisation_prompts, old_answers, select, sum_per_prompt
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
+from mke_lightning.localization.locate import LocalizationConfig, answer_rows, localisation_prompts, old_answers, select, sum_per_prompt
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 
 def main() -> None:

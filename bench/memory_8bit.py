@@ -50,13 +50,13 @@ def reset_peak() -> None:
 def run_child(variant: str, mzsre: str, steps: int) -> dict:
     import torch
 
-    from mke_lightning.attribution import AttributionConfig
+    from mke_lightning.localization.attribution import AttributionConfig
     from mke_lightning.data import read_mzsre
-    from mke_lightning.editor import EditLossConfig, KnowledgeEditor
-    from mke_lightning.evaluation import EditEvaluator, build_items
-    from mke_lightning.localization import LocalizationConfig, locate
-    from mke_lightning.masked_lora import LoRAConfig
-    from mke_lightning.model_loading import ModelConfig, load_causal_lm
+    from mke_lightning.editing.editor import EditLossConfig, KnowledgeEditor
+    from mke_lightning.evaluation.evaluator import EditEvaluator, build_items
+    from mke_lightning.localization.locate import LocalizationConfig, locate
+    from mke_lightning.editing.masked_lora import LoRAConfig
+    from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
     imports = peak_mib()
     t0 = time.perf_counter()

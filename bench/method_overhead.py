@@ -28,15 +28,15 @@ from pathlib import Path
 
 import torch
 
-from mke_lightning.attribution import AttributionConfig
-from mke_lightning.background import usual_activity
+from mke_lightning.localization.attribution import AttributionConfig
+from mke_lightning.localization.background import usual_activity
 from mke_lightning.data.mzsre import read_mzsre
-from mke_lightning.editor import EditLossConfig, KnowledgeEditor
-from mke_lightning.localization import LocalizationConfig, locate
-from mke_lightning.masked_lora import LoRAConfig
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.scoring import grouped_target_logits, pack_groups, row_logprobs
-from mke_lightning.value_update import ValueUpdateConfig
+from mke_lightning.editing.editor import EditLossConfig, KnowledgeEditor
+from mke_lightning.localization.locate import LocalizationConfig, locate
+from mke_lightning.editing.masked_lora import LoRAConfig
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
+from mke_lightning.modeling.forward import grouped_target_logits, pack_groups, row_logprobs
+from mke_lightning.editing.value_update import ValueUpdateConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -102,7 +102,7 @@ def run_child(args: argparse.Namespace) -> dict:
 
     from mke_lightning.cli import MKECLI
     from mke_lightning.data import EditDataModule
-    from mke_lightning.editor import KnowledgeEditor
+    from mke_lightning.editing.editor import KnowledgeEditor
 
     clock = Clock()
     t0 = time.perf_counter()

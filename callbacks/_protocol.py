@@ -5,11 +5,11 @@ The localisation protocol, for any LightningModule (ours or a user's):
 * the causal LM: an attribute ``causal_lm``, or a method ``get_causal_lm()``
   returning it (a Hugging Face ``PreTrainedModel`` with a causal LM head);
 * ``tokenizer``: its tokenizer (attribute);
-* optional ``arch`` (:class:`~mke_lightning.architectures.ArchSpec`): where
+* optional ``arch`` (:class:`~mke_lightning.modeling.architectures.ArchSpec`): where
   the MLP output projections are; by default looked up from
   ``config.model_type`` in the architecture table;
 * optional ``neuron_masks``: a dict the masks are written into (record id ->
-  :class:`~mke_lightning.neurons.NeuronMask`); created when absent.
+  :class:`~mke_lightning.localization.neurons.NeuronMask`); created when absent.
 
 The records come from the DataModule's ``records`` list; the edit language
 from its ``edit_language`` (else the module's, else ``en``), the evaluation
@@ -21,7 +21,7 @@ tokenizer): see :func:`model_and_tokenizer`.
 
 from __future__ import annotations
 
-from mke_lightning.architectures import ArchSpec, resolve_arch
+from mke_lightning.modeling.architectures import ArchSpec, resolve_arch
 
 REQUIRED = ("causal_lm", "tokenizer", "arch", "neuron_masks")
 
@@ -31,7 +31,7 @@ def check_module(pl_module, who: str) -> None:
     if missing:
         raise AttributeError(
             f"{who} needs the LightningModule to offer {', '.join(REQUIRED)}; "
-            f"{type(pl_module).__name__} lacks {', '.join(missing)} (see mke_lightning.editor)"
+            f"{type(pl_module).__name__} lacks {', '.join(missing)} (see mke_lightning.editing.editor)"
         )
 
 

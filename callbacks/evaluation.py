@@ -10,15 +10,15 @@ import lightning as L
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from mke_lightning.aggregate import EvalAggregate
+from mke_lightning.evaluation.aggregate import EvalAggregate
 from mke_lightning.callbacks._protocol import languages_of, model_and_tokenizer
-from mke_lightning.evaluation import MEASURES, EditEvaluator, Item, build_items, target_group
-from mke_lightning.localization import LocalizationConfig
-from mke_lightning.metrics import PROTOCOLS
-from mke_lightning.neighbourhood import NeighbourhoodConfig, NeighbourPool
-from mke_lightning.perplexity import PerplexityConfig, PerplexityProbe, load_sample, ratios
-from mke_lightning.report import format_retention_table, format_table, legend, write_reports
-from mke_lightning.report_plots import plot_heatmap
+from mke_lightning.evaluation.evaluator import MEASURES, EditEvaluator, Item, build_items, target_group
+from mke_lightning.localization.locate import LocalizationConfig
+from mke_lightning.evaluation.metrics import PROTOCOLS
+from mke_lightning.evaluation.neighbourhood import NeighbourhoodConfig, NeighbourPool
+from mke_lightning.evaluation.perplexity import PerplexityConfig, PerplexityProbe, load_sample, ratios
+from mke_lightning.reporting.tables import format_retention_table, format_table, legend, write_reports
+from mke_lightning.reporting.plots import plot_heatmap
 
 
 class EditEvaluation(L.Callback):
@@ -62,7 +62,7 @@ class EditEvaluation(L.Callback):
     about other subjects of the run, ``neighbourhood.per_edit`` neighbour
     records chosen by a seeded rule from the DataModule's ``all_records`` (or
     ``records``), scored as locality against the pre-edit model
-    (:mod:`mke_lightning.neighbourhood`).
+    (:mod:`mke_lightning.evaluation.neighbourhood`).
 
     Works on any LightningModule that offers ``causal_lm`` (or
     ``get_causal_lm()``) and ``tokenizer``, with a DataModule offering

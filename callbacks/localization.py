@@ -8,18 +8,18 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from mke_lightning.architectures import mlp_out_modules
+from mke_lightning.modeling.architectures import mlp_out_modules
 from mke_lightning.callbacks._protocol import causal_lm_of, languages_of, masks_of, records_of
-from mke_lightning.localization import LocalizationConfig
-from mke_lightning.localization_report import summarize, write_summary
-from mke_lightning.collectives import rank_and_world
-from mke_lightning.localization_stage import StageResult, localize_records
-from mke_lightning.neuron_cache import MaskCache, model_fingerprint, settings_key
-from mke_lightning.neurons import NeuronMask
+from mke_lightning.localization.locate import LocalizationConfig
+from mke_lightning.reporting.localization import summarize, write_summary
+from mke_lightning.modeling.collectives import rank_and_world
+from mke_lightning.localization.stage import StageResult, localize_records
+from mke_lightning.localization.cache import MaskCache, model_fingerprint, settings_key
+from mke_lightning.localization.neurons import NeuronMask
 
 
 class NeuronLocalization(L.Callback):
-    """Before fit, computes a :class:`~mke_lightning.neurons.NeuronMask` per record.
+    """Before fit, computes a :class:`~mke_lightning.localization.neurons.NeuronMask` per record.
 
     The records are split across ranks; each rank localises its share, writes
     one mask file per record into the cache as it goes, and the masks are
@@ -152,7 +152,7 @@ class NeuronLocalization(L.Callback):
 
         ``masks``: record id -> :meth:`NeuronMask.to_dict` for every record of the run (every rank's:
         the same on each rank), as the edits used them (after the busy-neuron filter);
-        ``fingerprint``: :func:`~mke_lightning.neuron_cache.model_fingerprint` of the model they were
+        ``fingerprint``: :func:`~mke_lightning.localization.cache.model_fingerprint` of the model they were
         located on, before any edit; ``settings`` and ``edit_language``: what decided them. Plain
         lists, dicts and strings: the checkpoint loads with ``weights_only``.
         """

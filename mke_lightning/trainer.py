@@ -15,7 +15,7 @@ import lightning as L
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 
-from mke_lightning.localization_stage import StageResult
+from mke_lightning.localization.stage import StageResult
 
 
 class MKETrainer(L.Trainer):

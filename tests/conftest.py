@@ -122,7 +122,7 @@ def toy_record(rid: str = "toy-1") -> dict:
 
 def two_fact_records():
     """Records ``a`` and ``b``: two different facts (prompts and answers) in the tiny vocabulary."""
-    from mke_lightning.records import record_from_dict
+    from mke_lightning.data.records import record_from_dict
 
     a = toy_record("a")
     b = toy_record("b")
@@ -147,7 +147,7 @@ def out_projection_changes(editor, before: dict) -> dict:
 
 @pytest.fixture()
 def toy_records():
-    from mke_lightning.records import record_from_dict
+    from mke_lightning.data.records import record_from_dict
 
     return [record_from_dict(toy_record("toy-1")), record_from_dict(toy_record("toy-2"))]
 
@@ -155,7 +155,7 @@ def toy_records():
 @pytest.fixture(scope="session")
 def real_model():
     """The embedded Gemma 3 270M (converted and cached on first use)."""
-    from mke_lightning.model_loading import ModelConfig, load_causal_lm
+    from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
     return load_causal_lm(ModelConfig())
 

@@ -7,15 +7,15 @@ import json
 import pytest
 import torch
 
-import mke_lightning.localization_stage as stage
-from mke_lightning.attribution import AttributionConfig
-from mke_lightning.background import BackgroundConfig, background_prompts, busy_neurons, neuron_activity, usual_activity, without
-from mke_lightning.localization import LocalizationConfig, locate
-from mke_lightning.localization_stage import localize_records
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.neuron_cache import MaskCache, model_fingerprint, settings_key
-from mke_lightning.neurons import NeuronMask
-from mke_lightning.records import record_from_dict
+import mke_lightning.localization.stage as stage
+from mke_lightning.localization.attribution import AttributionConfig
+from mke_lightning.localization.background import BackgroundConfig, background_prompts, busy_neurons, neuron_activity, usual_activity, without
+from mke_lightning.localization.locate import LocalizationConfig, locate
+from mke_lightning.localization.stage import localize_records
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
+from mke_lightning.localization.cache import MaskCache, model_fingerprint, settings_key
+from mke_lightning.localization.neurons import NeuronMask
+from mke_lightning.data.records import record_from_dict
 
 from conftest import toy_record
 

@@ -9,7 +9,7 @@ import pytest
 
 from mke_lightning.cli import MKECLI, cli_main
 from mke_lightning.data import EditDataModule
-from mke_lightning.editor import KnowledgeEditor
+from mke_lightning.editing.editor import KnowledgeEditor
 
 from conftest import REPO, toy_record, write_jsonl
 

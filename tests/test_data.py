@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from mke_lightning.data import EditDataModule, demo_records, read_jsonl, read_mzsre
 from mke_lightning.data.datamodule import EditBatch
-from mke_lightning.records import EditRecord, LanguageFacts, Probe, RecordError
+from mke_lightning.data.records import EditRecord, LanguageFacts, Probe, RecordError
 
 MZSRE_LANGUAGES = {"en", "cs", "de", "nl", "es", "fr", "pt", "ru", "th", "tr", "vi", "zh"}
 DEMO_LANGUAGES = {"en", "de", "fr", "es", "ru", "zh"}

@@ -22,7 +22,7 @@ from mke_lightning.data import (
     read_zsre,
 )
 from mke_lightning.data.mzsre import MzsreParser
-from mke_lightning.records import EditRecord, LanguageFacts, Probe, RecordError
+from mke_lightning.data.records import EditRecord, LanguageFacts, Probe, RecordError
 
 MZSRE_LANGUAGES = ["cs", "de", "en", "es", "fr", "nl", "pt", "ru", "th", "tr", "vi", "zh"]
 MLAKE_LANGUAGES = ["de", "en", "fr", "ja", "zh"]

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from mke_lightning.data import EditDataModule, open_source, spans
 from mke_lightning.data.spans import ItemFile
-from mke_lightning.records import EditRecord, RecordError, is_language_code
+from mke_lightning.data.records import EditRecord, RecordError, is_language_code
 from conftest import SHARED_DATA
 from test_data_formats import mkeb_item
 

@@ -21,12 +21,12 @@ import torch
 
 from mke_lightning.callbacks import EditCheckpoint, EditEvaluation
 from mke_lightning.data import EditDataModule
-from mke_lightning.editor import EditLossConfig, KnowledgeEditor
-from mke_lightning.masked_lora import LoRAConfig
-from mke_lightning.model_loading import ModelConfig
-from mke_lightning.neurons import NeuronMask
-from mke_lightning.perplexity import PerplexityConfig
-from mke_lightning.strategies import EditingDDPStrategy
+from mke_lightning.editing.editor import EditLossConfig, KnowledgeEditor
+from mke_lightning.editing.masked_lora import LoRAConfig
+from mke_lightning.modeling.loading import ModelConfig
+from mke_lightning.localization.neurons import NeuronMask
+from mke_lightning.evaluation.perplexity import PerplexityConfig
+from mke_lightning.modeling.strategies import EditingDDPStrategy
 
 from conftest import write_jsonl
 from test_retention import NEURONS, _records

@@ -9,14 +9,14 @@ import math
 import pytest
 import torch
 
-from mke_lightning.aggregate import EvalAggregate
-from mke_lightning.evaluation import EditEvaluator, build_items, target_group
-from mke_lightning.metrics import (
+from mke_lightning.evaluation.aggregate import EvalAggregate
+from mke_lightning.evaluation.evaluator import EditEvaluator, build_items, target_group
+from mke_lightning.evaluation.metrics import (
     PROTOCOLS, exact_match, f1_scores, normalize, precision_recall, prefers_new, starts_with_answer, words,
 )
-from mke_lightning.records import record_from_dict
-from mke_lightning.report import format_table, write_reports
-from mke_lightning.scoring import (
+from mke_lightning.data.records import record_from_dict
+from mke_lightning.reporting.tables import format_table, write_reports
+from mke_lightning.modeling.forward import (
     grouped_target_logits, kept_logits, length_groups, pack, pack_groups, picked_logprobs, row_logprobs, target_logits,
     target_logprobs, teacher_forced, token_accuracy,
 )
@@ -188,8 +188,8 @@ def test_locality_agreement_with_the_pre_edit_model(tiny):
 
 def test_gen_em_counts_an_alias(tiny):
     """The same item scored with and without the alias the model actually generates."""
-    from mke_lightning.evaluation import Item
-    from mke_lightning.scoring import encode_prompt, greedy_generate
+    from mke_lightning.evaluation.evaluator import Item
+    from mke_lightning.modeling.forward import encode_prompt, greedy_generate
 
     model, tok = tiny
     candidates = ["the tower is located in the city of", "honey is made by", "the capital of france is", "le ciel est", "der himmel ist"]
@@ -353,7 +353,7 @@ def test_grouped_rows_score_as_one_padded_batch(tiny):
 
 
 def test_runs_of_one_method_are_told_apart_by_their_shortest_distinct_folder():
-    from mke_lightning.compare import distinct_labels
+    from mke_lightning.reporting.compare import distinct_labels
 
     def run(method, path):
         return {"method": method, "model_state": "edited", "_path": path}
@@ -370,7 +370,7 @@ def test_runs_of_one_method_are_told_apart_by_their_shortest_distinct_folder():
 
 
 def test_settings_table_lists_only_settings_whose_recorded_values_differ():
-    from mke_lightning.compare import settings_table
+    from mke_lightning.reporting.compare import settings_table
 
     runs = [
         ("a", {"settings": {"loss": {"max_steps": 60, "kl": 0.0}, "lora": {"rank": 8}}}),

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader
 
 from mke_lightning.callbacks import EditEvaluation
 from mke_lightning.data.datamodule import EditBatch
-from mke_lightning.perplexity import PerplexityConfig, PerplexityProbe, load_sample
-from mke_lightning.records import record_from_dict
+from mke_lightning.evaluation.perplexity import PerplexityConfig, PerplexityProbe, load_sample
+from mke_lightning.data.records import record_from_dict
 
 from conftest import toy_record
 

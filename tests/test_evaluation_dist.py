@@ -11,8 +11,8 @@ import socket
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mke_lightning.aggregate import EvalAggregate
-from mke_lightning.metrics import PROTOCOLS
+from mke_lightning.evaluation.aggregate import EvalAggregate
+from mke_lightning.evaluation.metrics import PROTOCOLS
 
 LANGS = ["en", "de", "fr", "zh"]
 MEASURES = ["reliability", "generality", "locality", "multi_hop"]

@@ -12,13 +12,13 @@ import torch
 from safetensors.torch import save_file
 
 from mke_lightning.cli import main
-from mke_lightning.editor import EditLossConfig, KnowledgeEditor
-from mke_lightning.export import EDITS_FILE, export_main, export_merged, load_edits, read_deltas, undo_edits
-from mke_lightning.masked_lora import LoRAConfig
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.neuron_cache import model_fingerprint
-from mke_lightning.neuron_delta import NeuronDelta, NotADeltaError, OnTop, Restore
-from mke_lightning.neurons import NeuronMask
+from mke_lightning.editing.editor import EditLossConfig, KnowledgeEditor
+from mke_lightning.editing.export import EDITS_FILE, export_main, export_merged, load_edits, read_deltas, undo_edits
+from mke_lightning.editing.masked_lora import LoRAConfig
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
+from mke_lightning.localization.cache import model_fingerprint
+from mke_lightning.editing.neuron_delta import NeuronDelta, NotADeltaError, OnTop, Restore
+from mke_lightning.localization.neurons import NeuronMask
 
 from conftest import two_fact_records
 
@@ -137,11 +137,11 @@ def test_export_warns_about_another_model_and_stacked_single_edits(tiny_llama_di
     delta = NeuronDelta({0: (torch.tensor([1, 2]), torch.full((2, 32), 0.01))})  # [n], [n, d_model]
     delta.save(folder / "x.safetensors", {"records": ["x"], "protocol": "single", "model": "some/other-model"})
     delta.save(folder / "y.safetensors", {"records": ["y"], "protocol": "single", "model": str(tiny_llama_dir)})
-    with caplog.at_level(logging.WARNING, logger="mke_lightning.export"):
+    with caplog.at_level(logging.WARNING, logger="mke_lightning.editing.export"):
         export_merged(ModelConfig(name_or_path=str(tiny_llama_dir)), [folder / "x.safetensors"], tmp_path / "out")
     assert "x.safetensors: made on model 'some/other-model'" in caplog.text and "stacked" not in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="mke_lightning.export"):
+    with caplog.at_level(logging.WARNING, logger="mke_lightning.editing.export"):
         export_merged(ModelConfig(name_or_path=str(tiny_llama_dir)), [folder], tmp_path / "out")
     assert "applying 2 edits together" in caplog.text and "x.safetensors, y.safetensors" in caplog.text
 

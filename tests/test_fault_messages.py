@@ -14,10 +14,10 @@ import torch
 import yaml
 
 from mke_lightning.data import read_jsonl, read_mquake, read_mzsre
-from mke_lightning.editor import KnowledgeEditor
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.neurons import NeuronMask
-from mke_lightning.records import RecordError
+from mke_lightning.editing.editor import KnowledgeEditor
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
+from mke_lightning.localization.neurons import NeuronMask
+from mke_lightning.data.records import RecordError
 
 from conftest import REPO, toy_record, write_jsonl
 
@@ -177,7 +177,7 @@ def test_a_negative_learning_rate_is_refused_before_localisation(tmp_path, tiny_
 
 
 def test_errors_print_one_clear_line_unless_the_traceback_is_asked_for(tmp_path, monkeypatch, capsys):
-    from mke_lightning.records import RecordError
+    from mke_lightning.data.records import RecordError
 
     bad = write_jsonl(tmp_path / "edits.jsonl", [dict(toy_record(), id=1.5)])
     args = ["validate", "--config", str(REPO / "configs" / "demo.yaml"), "--data.format", "jsonl",
@@ -260,7 +260,7 @@ def test_a_too_long_prompt_stops_the_run_before_localisation(tmp_path, tiny_gpt2
 
 @pytest.mark.parametrize("where", [{"independent": {7: [1]}}, {"specific": {1: [64]}}])
 def test_a_mask_file_with_an_out_of_range_neuron_is_refused_when_loaded(tmp_path, tiny_llama_dir, where):
-    from mke_lightning.neurons import MaskError, model_bounds
+    from mke_lightning.localization.neurons import MaskError, model_bounds
 
     model, _, arch = load_causal_lm(ModelConfig(name_or_path=str(tiny_llama_dir)))  # 2 layers of 64 neurons
     path = NeuronMask("r1", {"independent": {0: [1, 2]}, **where}).save(tmp_path / "r1.safetensors")
@@ -275,7 +275,7 @@ def test_a_mask_file_with_an_out_of_range_neuron_is_refused_when_loaded(tmp_path
 def test_a_negative_index_in_a_mask_file_is_refused_naming_the_file(tmp_path):
     from safetensors.torch import save_file
 
-    from mke_lightning.neurons import MaskError
+    from mke_lightning.localization.neurons import MaskError
 
     path = NeuronMask("r1", {"independent": {0: [1]}}).save(tmp_path / "r1.safetensors")
     header = json.dumps({"format_version": 1, "record_id": "r1"})
@@ -298,7 +298,7 @@ class AttachMask(L.Callback):
 def test_an_out_of_range_mask_stops_the_run_before_its_first_edit(tmp_path, tiny_llama_dir, monkeypatch):
     from mke_lightning.cli import MKECLI
     from mke_lightning.data import EditDataModule
-    from mke_lightning.neurons import MaskError
+    from mke_lightning.localization.neurons import MaskError
 
     from test_cli import _toy_args
 

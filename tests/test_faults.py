@@ -17,10 +17,10 @@ import torch
 import yaml
 from torch import nn
 
-from mke_lightning.editor import KnowledgeEditor
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.neurons import NeuronMask
-from mke_lightning.records import record_from_dict
+from mke_lightning.editing.editor import KnowledgeEditor
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
+from mke_lightning.localization.neurons import NeuronMask
+from mke_lightning.data.records import record_from_dict
 
 from conftest import REPO, toy_record, write_jsonl
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mke_lightning.architectures import mlp_out_modules
-from mke_lightning.attribution import AttributionConfig, attribute_rows, attribute_rows_loop, last_position_patch, rows_per_pass
-from mke_lightning.localization import LocalizationConfig, locate, select
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.neurons import NeuronMask
+from mke_lightning.modeling.architectures import mlp_out_modules
+from mke_lightning.localization.attribution import AttributionConfig, attribute_rows, attribute_rows_loop, last_position_patch, rows_per_pass
+from mke_lightning.localization.locate import LocalizationConfig, locate, select
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
+from mke_lightning.localization.neurons import NeuronMask
 
 LOC = LocalizationConfig(attribution=AttributionConfig(steps=5), cross_languages=["en", "fr"], threshold=0.3)
 
@@ -111,8 +111,8 @@ def test_grad_x_act_equals_one_step_ig(tiny_llama_dir):
 
 
 def test_eos_baseline_is_the_mean_of_single_token_ablations(tiny_llama_dir):
-    from mke_lightning.attribution import _capture, _eos_baseline
-    from mke_lightning.scoring import left_pad
+    from mke_lightning.localization.attribution import _capture, _eos_baseline
+    from mke_lightning.modeling.forward import left_pad
 
     model, tok, arch = _tiny(tiny_llama_dir)
     modules = mlp_out_modules(model, arch)
@@ -139,8 +139,8 @@ def _plant(model, arch, tok, row, target) -> int:
     baseline sees it too) gets a large activation (its up-projection row scaled) and a value
     vector pointing at the answer's unembedding, strong enough to dominate
     the residual stream."""
-    from mke_lightning.attribution import _capture, _eos_baseline
-    from mke_lightning.scoring import left_pad
+    from mke_lightning.localization.attribution import _capture, _eos_baseline
+    from mke_lightning.modeling.forward import left_pad
 
     modules = mlp_out_modules(model, arch)
     a = _capture(model, modules, *left_pad([row], 0), 8)[0, PLANT_LAYER]  # [F]
@@ -259,7 +259,7 @@ def test_localisation_leaves_model_unchanged_and_is_deterministic(tiny_llama_dir
 
 
 def test_missing_cross_language_is_a_record_error(tiny_llama_dir, toy_records):
-    from mke_lightning.records import RecordError
+    from mke_lightning.data.records import RecordError
 
     model, tok, arch = _tiny(tiny_llama_dir)
     with pytest.raises(RecordError, match="'zh'.*cross_languages") as err:
@@ -301,7 +301,7 @@ def test_the_cache_key_of_existing_settings_does_not_move_when_settings_are_adde
     before ``background`` and ``relative_to_background`` existed; a setting at a new value does move it."""
     from dataclasses import replace
 
-    from mke_lightning.neuron_cache import _digest, settings_key
+    from mke_lightning.localization.cache import _digest, settings_key
 
     memla = LocalizationConfig(
         attribution=AttributionConfig(method="integrated_gradients", ig_path="all_layers", steps=10, baseline="zero"),

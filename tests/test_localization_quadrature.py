@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from mke_lightning.architectures import ArchSpec, mlp_out_modules
-from mke_lightning.attribution import (
+from mke_lightning.modeling.architectures import ArchSpec, mlp_out_modules
+from mke_lightning.localization.attribution import (
     QUADRATURES, AttributionConfig, attribute_rows, attribute_rows_loop, last_position_patch, quadrature_points,
 )
-from mke_lightning.localization import LocalizationConfig
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
+from mke_lightning.localization.locate import LocalizationConfig
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 
 def _tiny(folder):
@@ -193,7 +193,7 @@ def test_batched_and_loop_agree_for_every_rule(tiny_llama_dir):
 
 
 def test_the_rule_is_part_of_the_mask_cache_key_except_at_its_default():
-    from mke_lightning.neuron_cache import _digest, settings_key
+    from mke_lightning.localization.cache import _digest, settings_key
 
     base = LocalizationConfig(attribution=AttributionConfig(steps=10), cross_languages=["en", "zh", "fr"])
     keys = {rule: _digest(settings_key(replace(base, attribution=replace(base.attribution, quadrature=rule)), "en")) for rule in QUADRATURES}
@@ -210,7 +210,7 @@ def test_real_model_gauss_legendre_masks_match_the_20_step_reference(real_model,
 
     from mke_lightning.data.mzsre import MzsreParser
     from mke_lightning.data.source import RecordSource
-    from mke_lightning.localization import locate
+    from mke_lightning.localization.locate import locate
 
     model, tok, arch = real_model
     records = list(itertools.islice(RecordSource(MzsreParser(mzsre_dir, ["en", "zh", "fr"])), 3))

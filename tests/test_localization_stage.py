@@ -14,15 +14,15 @@ import pytest
 import torch
 import yaml
 
-import mke_lightning.localization_stage as stage
-from mke_lightning.attribution import AttributionConfig
+import mke_lightning.localization.stage as stage
+from mke_lightning.localization.attribution import AttributionConfig
 from mke_lightning.callbacks import NeuronLocalization
-from mke_lightning.localization import LocalizationConfig, locate
-from mke_lightning.localization_stage import assign, localize_records
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.neuron_cache import MaskCache, model_fingerprint
-from mke_lightning.neurons import NeuronMask
-from mke_lightning.records import record_from_dict
+from mke_lightning.localization.locate import LocalizationConfig, locate
+from mke_lightning.localization.stage import assign, localize_records
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
+from mke_lightning.localization.cache import MaskCache, model_fingerprint
+from mke_lightning.localization.neurons import NeuronMask
+from mke_lightning.data.records import record_from_dict
 
 from conftest import REPO, toy_record, write_jsonl
 

@@ -9,11 +9,11 @@ import json
 import pytest
 import torch
 
-from mke_lightning.editor import KnowledgeEditor
-from mke_lightning.key_statistics import KeyStatistics, KeyStatsConfig, null_space_projector
-from mke_lightning.methods.locate_edit import SolveConfig, subject_end
-from mke_lightning.model_loading import ModelConfig
-from mke_lightning.scoring import encode_prompt, left_pad
+from mke_lightning.editing.editor import KnowledgeEditor
+from mke_lightning.editing.key_statistics import KeyStatistics, KeyStatsConfig, null_space_projector
+from mke_lightning.editing.methods.locate_edit import SolveConfig, subject_end
+from mke_lightning.modeling.loading import ModelConfig
+from mke_lightning.modeling.forward import encode_prompt, left_pad
 
 from conftest import out_projection_changes, toy_record, two_fact_records
 
@@ -187,7 +187,7 @@ def test_the_edit_raises_the_new_target(tiny_llama_dir):
     """A random tiny model barely carries one token's MLP output to a later position, so the subject
     ends this prompt: the solved update must at least double P(new target) from about 1 / vocabulary
     (its final norm and small head weights cap how far one hidden state can move the logits)."""
-    from mke_lightning.records import record_from_dict
+    from mke_lightning.data.records import record_from_dict
 
     raw = toy_record("end")
     raw["languages"]["en"].update(prompt="the capital of the tower", subject="tower")
@@ -241,7 +241,7 @@ def test_a_locate_then_edit_method_runs_through_mke_fit(tmp_path, tiny_llama_dir
 
 
 def test_the_cached_prefix_gives_the_same_logits(model_dir, toy_records):
-    from mke_lightning.methods.locate_edit import CachedRows, EditRows, PackedRows
+    from mke_lightning.editing.methods.locate_edit import CachedRows, EditRows, PackedRows
 
     ed = _editor(model_dir, "rome", [1])
     rows = EditRows(ed.tokenizer, toy_records, ["en", "fr"], "en", ed.method_impl.contexts() + ["the city"])

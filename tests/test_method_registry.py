@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from mke_lightning.cli import cli_main
-from mke_lightning.methods import EditMethod, method_class, method_names, register
-from mke_lightning.neuron_delta import NeuronDelta
+from mke_lightning.editing.methods import EditMethod, method_class, method_names, register
+from mke_lightning.editing.neuron_delta import NeuronDelta
 
 from test_cli import _toy_args
 
@@ -85,9 +85,9 @@ def test_no_generic_code_branches_on_an_edit_method_name():
 
 
 def test_the_top_level_names_import_lazily():
-    code = ("import sys, mke_lightning as m; assert 'mke_lightning.editor' not in sys.modules; "
+    code = ("import sys, mke_lightning as m; assert 'mke_lightning.editing.editor' not in sys.modules; "
             "from mke_lightning import KnowledgeEditor, EditDataModule, NeuronLocalization, register_method; "
-            "assert KnowledgeEditor.__module__ == 'mke_lightning.editor' and register_method is m.methods.register")
+            "assert KnowledgeEditor.__module__ == 'mke_lightning.editing.editor' and register_method is m.editing.methods.register")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 import yaml
 
-from mke_lightning.editor import KnowledgeEditor
-from mke_lightning.export import read_deltas
-from mke_lightning.neurons import NeuronMask
+from mke_lightning.editing.editor import KnowledgeEditor
+from mke_lightning.editing.export import read_deltas
+from mke_lightning.localization.neurons import NeuronMask
 
 from conftest import REPO, toy_record, write_jsonl
 
@@ -153,9 +153,9 @@ def test_two_nodes_edit_exactly_as_one_process_with_the_whole_batch(protocol, tm
 
 
 def test_the_update_starts_the_same_whatever_was_drawn_before(tiny_llama_dir):
-    from mke_lightning.masked_lora import LoRAConfig
-    from mke_lightning.model_loading import ModelConfig, load_causal_lm
-    from mke_lightning.records import record_from_dict
+    from mke_lightning.editing.masked_lora import LoRAConfig
+    from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
+    from mke_lightning.data.records import record_from_dict
 
     record = record_from_dict(toy_record("r1"), source="toy.jsonl", index=0)
     deltas = []

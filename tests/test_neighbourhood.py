@@ -8,12 +8,12 @@ import copy
 import pytest
 import torch
 
-from mke_lightning.aggregate import MEASURES_BEFORE_NEIGHBORHOOD, EvalAggregate
-from mke_lightning.evaluation import MEASURES, EditEvaluator, Item, build_items
-from mke_lightning.metrics import normalize
-from mke_lightning.neighbourhood import NeighbourhoodConfig, NeighbourPool, template_of
-from mke_lightning.records import record_from_dict
-from mke_lightning.scoring import encode_continuation, encode_prompt
+from mke_lightning.evaluation.aggregate import MEASURES_BEFORE_NEIGHBORHOOD, EvalAggregate
+from mke_lightning.evaluation.evaluator import MEASURES, EditEvaluator, Item, build_items
+from mke_lightning.evaluation.metrics import normalize
+from mke_lightning.evaluation.neighbourhood import NeighbourhoodConfig, NeighbourPool, template_of
+from mke_lightning.data.records import record_from_dict
+from mke_lightning.modeling.forward import encode_continuation, encode_prompt
 
 LANGS = ["en", "fr"]
 
@@ -257,9 +257,9 @@ def test_the_callback_reports_the_measure_in_every_file_and_table(tmp_path, tiny
 
     from conftest import write_jsonl
     from mke_lightning.callbacks import EditEvaluation
-    from mke_lightning.compare import compare_runs
+    from mke_lightning.reporting.compare import compare_runs
     from mke_lightning.data import EditDataModule
-    from mke_lightning.perplexity import PerplexityConfig
+    from mke_lightning.evaluation.perplexity import PerplexityConfig
 
     model, tok = tiny
     records = _records()

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mke_lightning.prefix_scoring import greedy_continue, prefill, score_and_continue, score_targets
-from mke_lightning.scoring import kept_logits, pack, target_logprobs, token_accuracy
+from mke_lightning.modeling.prefix_scoring import greedy_continue, prefill, score_and_continue, score_targets
+from mke_lightning.modeling.forward import kept_logits, pack, target_logprobs, token_accuracy
 
 VOCAB = 48
 PAD = 0
@@ -157,7 +157,7 @@ def test_a_followed_target_stops_at_an_end_token_inside_it(model):
 
 
 def test_the_lm_head_gets_a_contiguous_input_and_the_same_logits():
-    from mke_lightning.model_loading import contiguous_head_input
+    from mke_lightning.modeling.loading import contiguous_head_input
 
     torch.manual_seed(0)
     model = _llama().eval()

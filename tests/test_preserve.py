@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mke_lightning.editor import EditLossConfig, KnowledgeEditor
-from mke_lightning.key_statistics import KeyStatistics
-from mke_lightning.masked_lora import LoRAConfig
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.neurons import NeuronMask
-from mke_lightning.preserve import PreservationConfig
-from mke_lightning.scoring import left_pad
-from mke_lightning.value_update import ValueUpdateConfig
+from mke_lightning.editing.editor import EditLossConfig, KnowledgeEditor
+from mke_lightning.editing.key_statistics import KeyStatistics
+from mke_lightning.editing.masked_lora import LoRAConfig
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
+from mke_lightning.localization.neurons import NeuronMask
+from mke_lightning.editing.preserve import PreservationConfig
+from mke_lightning.modeling.forward import left_pad
+from mke_lightning.editing.value_update import ValueUpdateConfig
 
 from conftest import out_projection_changes, two_fact_records
 
@@ -62,7 +62,7 @@ def _ordinary_change(ed, before, keys) -> float:
 def test_the_penalty_is_the_relative_output_change_on_the_statistics(tiny_llama_dir):
     ed = _editor(tiny_llama_dir, PreservationConfig(penalty=2.0))
     keys = _with_stats(ed)
-    from mke_lightning.masked_lora import attach
+    from mke_lightning.editing.masked_lora import attach
 
     handle = attach(ed.causal_lm, ed.arch, MASK, ed.lora_config)
     for p in handle.parameters():

@@ -18,10 +18,10 @@ import pytest
 import torch
 import yaml
 
-from mke_lightning.export import load_edits, read_deltas, undo_edits
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.neuron_cache import model_fingerprint
-from mke_lightning.neuron_delta import read_delta
+from mke_lightning.editing.export import load_edits, read_deltas, undo_edits
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
+from mke_lightning.localization.cache import model_fingerprint
+from mke_lightning.editing.neuron_delta import read_delta
 
 from conftest import toy_record, write_jsonl
 from test_faults import _run_mke

@@ -23,9 +23,9 @@ import pytest
 import torch
 import yaml
 
-from mke_lightning.export import load_edits, undo_edits
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.neuron_cache import model_fingerprint
+from mke_lightning.editing.export import load_edits, undo_edits
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
+from mke_lightning.localization.cache import model_fingerprint
 
 from conftest import REPO
 from test_resume import assert_same_deltas, deltas, results, run_configs

@@ -14,12 +14,12 @@ import yaml
 
 from mke_lightning.callbacks import EditEvaluation
 from mke_lightning.data import EditDataModule
-from mke_lightning.editor import EditLossConfig, KnowledgeEditor
-from mke_lightning.evaluation import EditEvaluator, build_items
-from mke_lightning.masked_lora import LoRAConfig
-from mke_lightning.model_loading import ModelConfig
-from mke_lightning.neurons import NeuronMask
-from mke_lightning.perplexity import PerplexityConfig
+from mke_lightning.editing.editor import EditLossConfig, KnowledgeEditor
+from mke_lightning.evaluation.evaluator import EditEvaluator, build_items
+from mke_lightning.editing.masked_lora import LoRAConfig
+from mke_lightning.modeling.loading import ModelConfig
+from mke_lightning.localization.neurons import NeuronMask
+from mke_lightning.evaluation.perplexity import PerplexityConfig
 
 from conftest import toy_record, write_jsonl
 
@@ -156,7 +156,7 @@ def test_single_protocol_writes_no_retention_and_report_reads_old_and_new_files(
 def test_a_user_module_without_run_info_leaves_the_fields_out(tmp_path, tiny_llama_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mke_lightning.records import record_from_dict
+    from mke_lightning.data.records import record_from_dict
     from test_evaluation_callback import UserData, UserEditor
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from mke_lightning.data import read_mzsre
-from mke_lightning.editor import KnowledgeEditor
-from mke_lightning.masked_lora import LoRAConfig, attach
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.neuron_delta import NeuronDelta, OnTop, Restore
-from mke_lightning.neurons import NeuronMask
+from mke_lightning.editing.editor import KnowledgeEditor
+from mke_lightning.editing.masked_lora import LoRAConfig, attach
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
+from mke_lightning.editing.neuron_delta import NeuronDelta, OnTop, Restore
+from mke_lightning.localization.neurons import NeuronMask
 
 from conftest import REPO, toy_record, write_jsonl
 
@@ -146,7 +146,7 @@ def test_random_init_builds_the_architecture_without_weights(tiny_llama_dir, tmp
 def test_scale_overlays_parse_onto_the_demo_and_build_their_strategy(overlay, tmp_path):
     from mke_lightning.cli import MKECLI
     from mke_lightning.data import EditDataModule
-    from mke_lightning.strategies import EditingDeepSpeedStrategy
+    from mke_lightning.modeling.strategies import EditingDeepSpeedStrategy
 
     args = ["--config", str(REPO / "configs" / "demo.yaml"), "--config", str(overlay),
             "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path)]
@@ -168,9 +168,9 @@ def test_scale_overlays_parse_onto_the_demo_and_build_their_strategy(overlay, tm
 
 @pytest.mark.real_model
 def test_real_model_int8_edit_moves_reliability(real_model, mzsre_dir):
-    from mke_lightning.attribution import AttributionConfig
-    from mke_lightning.evaluation import EditEvaluator, build_items
-    from mke_lightning.localization import LocalizationConfig, locate
+    from mke_lightning.localization.attribution import AttributionConfig
+    from mke_lightning.evaluation.evaluator import EditEvaluator, build_items
+    from mke_lightning.localization.locate import LocalizationConfig, locate
 
     model, tok, arch = load_causal_lm(ModelConfig(load_in_8bit=True))
     record = read_mzsre(mzsre_dir, ["en", "zh", "fr"])[0]

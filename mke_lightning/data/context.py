@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from mke_lightning.records import EditRecord, LanguageFacts, RecordError, join_prompt
+from mke_lightning.data.records import EditRecord, LanguageFacts, RecordError, join_prompt
 
 # Attributes of a Hugging Face config that hold the number of positions, in the order looked up.
 CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")

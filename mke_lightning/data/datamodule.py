@@ -21,7 +21,7 @@ from mke_lightning.data.context import check_prompt_lengths, model_context
 from mke_lightning.data.jsonl import JsonlParser, demo_path
 from mke_lightning.data.selection import select, shard
 from mke_lightning.data.source import MAX_REASONS, ON_ERROR, RecordSource
-from mke_lightning.records import EditRecord, RecordError, is_language_code
+from mke_lightning.data.records import EditRecord, RecordError, is_language_code
 
 FORMATS = ("demo", "auto", *formats.FORMATS)
 
@@ -441,7 +441,7 @@ class EditDataModule(L.LightningDataModule):
         arch = getattr(module, "arch", None)
         if model is None or arch is None or not masks:
             return
-        from mke_lightning.neurons import check_masks
+        from mke_lightning.localization.neurons import check_masks
 
         name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
         check_masks(masks.values(), model, arch, f"model {name}")

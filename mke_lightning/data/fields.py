@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mke_lightning.records import RecordError, id_problem, is_language_code
+from mke_lightning.data.records import RecordError, id_problem, is_language_code
 
 # The zsRE-family English locality questions keep the Natural Questions task
 # prefix ("nq question: who sang ..."); translations dropped it. Stripped so

@@ -16,7 +16,7 @@ from typing import Any
 from mke_lightning.data import bizsre, jsonl, mkeb, mlake, mquake, mzsre, zsre
 from mke_lightning.data.source import Parser, RecordSource
 from mke_lightning.data.spans import BadItem, ItemFile
-from mke_lightning.records import RecordError
+from mke_lightning.data.records import RecordError
 
 FORMATS = ("jsonl", "mzsre", "bizsre", "mkeb", "mlake", "mquake", "zsre")
 

@@ -36,7 +36,7 @@ from typing import Any, Callable
 from mke_lightning.data.fields import Where
 from mke_lightning.data.source import Parser, RecordSource
 from mke_lightning.data.spans import BadItem, ItemFile
-from mke_lightning.records import EditRecord, LanguageFacts, Probe, RecordError
+from mke_lightning.data.records import EditRecord, LanguageFacts, Probe, RecordError
 
 LANGUAGES = ("de", "en", "fr", "ja", "zh")
 LINK_LANGUAGE = "en"  # the language of every multi-hop file's e_prompt

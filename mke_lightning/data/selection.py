@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from mke_lightning.data.source import RecordSource, id_hash
-from mke_lightning.records import RecordError
+from mke_lightning.data.records import RecordError
 
 
 def select(

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from mke_lightning.data.spans import BadItem, ItemFile
-from mke_lightning.records import EditRecord, RecordError
+from mke_lightning.data.records import EditRecord, RecordError
 
 ON_ERROR = ("raise", "skip")
 MAX_REASONS = 20  # skipped records described one by one; the rest are only counted

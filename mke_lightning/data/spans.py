@@ -17,7 +17,7 @@ import re
 from array import array
 from typing import Any, BinaryIO, Iterator
 
-from mke_lightning.records import RecordError
+from mke_lightning.data.records import RecordError
 
 CHUNK = 1 << 20  # bytes read at a time while scanning a JSON array
 _BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark some editors write
