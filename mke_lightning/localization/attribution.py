@@ -51,7 +51,6 @@ import torch
 from mke_lightning.modeling.architectures import ArchSpec, mlp_out_modules, neuron_dim, num_neurons, weight_shape
 from mke_lightning.modeling.forward import left_pad
 
-METHODS = ("integrated_gradients", "grad_x_act", "activation")
 IG_PATHS = ("all_layers", "per_layer")
 BASELINES = ("zero", "eos")
 Quadrature = Literal["right_riemann", "gauss_legendre", "trapezoid", "midpoint"]
@@ -125,8 +124,8 @@ class AttributionConfig:
     a row then costs one token instead of T. Off: every row runs in full."""
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"attribution.method must be one of {METHODS}, got {self.method!r}")
+        if self.method not in ATTRIBUTIONS:
+            raise ValueError(f"attribution.method must be one of {tuple(ATTRIBUTIONS)}, got {self.method!r}")
         if self.ig_path not in IG_PATHS:
             raise ValueError(f"attribution.ig_path must be one of {IG_PATHS}, got {self.ig_path!r}")
         if self.baseline not in BASELINES:
@@ -145,7 +144,7 @@ class AttributionConfig:
     @property
     def needs_answer(self) -> bool:
         """Whether scores depend on the answer (all methods but ``activation``)."""
-        return self.method != "activation"
+        return ATTRIBUTIONS[self.method].needs_answer
 
 
 @contextmanager
@@ -239,6 +238,27 @@ def rows_per_pass(model, arch: ArchSpec, width: int, cfg: AttributionConfig) -> 
     return max(1, int(cfg.memory_budget_mb * 2**20 // row))
 
 
+@dataclass
+class _Rows:
+    """One call's rows on the model's device: left-padded ``ids``, ``mask``, ``pos`` ``[N, T]`` and targets ``[N]``."""
+
+    model: torch.nn.Module
+    arch: ArchSpec
+    modules: list[torch.nn.Module]
+    rows: list[list[int]]
+    ids: torch.Tensor
+    mask: torch.Tensor
+    pos: torch.Tensor
+    targets: torch.Tensor | None
+    pad_id: int
+    eos_id: int | None
+    skip_first: bool
+
+    @property
+    def device(self) -> torch.device:
+        return self.ids.device
+
+
 def attribute_rows(
     model,
     arch: ArchSpec,
@@ -260,48 +280,43 @@ def attribute_rows(
         raise ValueError("attribute_rows needs at least one row")
     if cfg.needs_answer and (targets is None or len(targets) != len(rows)):
         raise ValueError(f"method {cfg.method!r} needs one target token per row")
-    modules = mlp_out_modules(model, arch)
-    n_layers = len(modules)
     device = next(model.parameters()).device
     ids, mask, pos = (t.to(device) for t in left_pad(rows, pad_id))
-    per_pass = rows_per_pass(model, arch, ids.shape[1], cfg)
+    tgt = torch.tensor(targets, device=device) if cfg.needs_answer else None
+    batch = _Rows(model, arch, mlp_out_modules(model, arch), rows, ids, mask, pos, tgt, pad_id, eos_id, skip_first)
+    return ATTRIBUTIONS[cfg.method].batched(batch, cfg)
 
-    if cfg.method == "activation":
-        return _capture(model, modules, ids, mask, pos, per_pass).abs()
-    tgt = torch.tensor(targets, device=device)
-    if cfg.method == "grad_x_act":  # full rows with gradients: every position is kept
-        return _grad_x_act(model, modules, ids, mask, pos, tgt, rows_per_pass(model, arch, ids.shape[1], replace(cfg, prefix_cache=False)))
 
-    runner = _CachedRunner(model, ids, mask, pos) if cfg.prefix_cache else _FullRunner(model, ids, mask, pos)
+def _activation(batch: _Rows, cfg: AttributionConfig) -> torch.Tensor:
+    """``|a|`` at the last prompt position: ``[N, L, d_ff]``."""
+    per_pass = rows_per_pass(batch.model, batch.arch, batch.ids.shape[1], cfg)
+    return _capture(batch.model, batch.modules, batch.ids, batch.mask, batch.pos, per_pass).abs()
+
+
+def _grad_x_act_rows(batch: _Rows, cfg: AttributionConfig) -> torch.Tensor:
+    """Activation x gradient; full rows with gradients: every position is kept (no prefix cache)."""
+    per_pass = rows_per_pass(batch.model, batch.arch, batch.ids.shape[1], replace(cfg, prefix_cache=False))
+    return _grad_x_act(batch.model, batch.modules, batch.ids, batch.mask, batch.pos, batch.targets, per_pass)
+
+
+def _integrated_gradients(batch: _Rows, cfg: AttributionConfig) -> torch.Tensor:
+    """``(a - b) x`` the weighted mean gradient along the path from ``b`` to ``a``: ``[N, L, d_ff]``."""
+    model, modules, device = batch.model, batch.modules, batch.device
+    per_pass = rows_per_pass(model, batch.arch, batch.ids.shape[1], cfg)
+    runner = (_CachedRunner if cfg.prefix_cache else _FullRunner)(model, batch.ids, batch.mask, batch.pos)
     a = runner.capture(modules, per_pass)  # [N, L, F]
     if cfg.baseline == "eos":
-        if eos_id is None:
+        if batch.eos_id is None:
             raise ValueError("baseline 'eos' needs the tokenizer's eos_token_id")
-        b = _eos_baseline(model, modules, rows, eos_id, pad_id, skip_first, per_pass, device)
+        b = _eos_baseline(model, modules, batch.rows, batch.eos_id, batch.pad_id, batch.skip_first, per_pass, device)
     else:
         b = torch.zeros_like(a)
-
-    # One row per (input, [layer,] point): the point alpha_k on the path, its weight w_k.
-    n = len(rows)
-    nodes, weights = quadrature_points(cfg.quadrature, cfg.steps)
-    alphas = torch.tensor(nodes, dtype=torch.float64).to(device=device, dtype=torch.float32)  # [S]
-    plain = all(w == 1.0 for w in weights)  # equal weights: the gradients are summed as they come
-    point_w = torch.tensor(weights, dtype=torch.float32, device=device)  # [S]
-    if cfg.ig_path == "all_layers":
-        row_in = torch.arange(n, device=device).repeat_interleave(cfg.steps)  # [N*S]
-        row_alpha, row_w = alphas.repeat(n), point_w.repeat(n)
-        row_layers = torch.ones((n * cfg.steps, n_layers), dtype=torch.bool, device=device)
-    else:
-        row_in = torch.arange(n, device=device).repeat_interleave(n_layers * cfg.steps)  # [N*L*S]
-        layer_of = torch.arange(n_layers, device=device).repeat_interleave(cfg.steps).repeat(n)
-        row_alpha, row_w = alphas.repeat(n * n_layers), point_w.repeat(n * n_layers)
-        row_layers = torch.nn.functional.one_hot(layer_of, n_layers).bool()
-
+    row_in, row_alpha, row_w, row_layers, plain = _path_rows(len(batch.rows), len(modules), cfg, device)
     grad_sum = torch.zeros_like(a)  # [N, L, F]
     for s in range(0, row_in.shape[0], per_pass):
         ri, al, lm = row_in[s:s + per_pass], row_alpha[s:s + per_pass], row_layers[s:s + per_pass]
         rw = row_w[s:s + per_pass, None]  # [R, 1]
-        used = [l for l in range(n_layers) if bool(lm[:, l].any())]
+        used = [l for l in range(len(modules)) if bool(lm[:, l].any())]
         leaves = {
             l: (b[ri, l] + al[:, None] * (a[ri, l] - b[ri, l])).requires_grad_(True)  # [R, F]
             for l in used
@@ -314,12 +329,31 @@ def attribute_rows(
 
         with torch.enable_grad(), last_position_patch(modules, patch):
             logits = runner.forward_last(ri)  # [R, V]
-            prob = torch.softmax(logits.float(), dim=-1).gather(-1, tgt[ri, None]).squeeze(-1)  # [R]
+            prob = torch.softmax(logits.float(), dim=-1).gather(-1, batch.targets[ri, None]).squeeze(-1)  # [R]
             grads = torch.autograd.grad(prob.sum(), [leaves[l] for l in used])
         for l, g in zip(used, grads):
             g = g.float() * lm[:, l, None]  # [R, F]
             grad_sum[:, l].index_add_(0, ri, g if plain else g * rw)
     return (a - b) * grad_sum / cfg.steps
+
+
+def _path_rows(n: int, n_layers: int, cfg: AttributionConfig, device):
+    """One row per (input, [layer,] point): its input ``[R]``, the point alpha_k ``[R]``, its weight w_k ``[R]``,
+    the layers it scales ``[R, L]``, and whether every weight is 1 (the gradients are then summed as they come)."""
+    nodes, weights = quadrature_points(cfg.quadrature, cfg.steps)
+    alphas = torch.tensor(nodes, dtype=torch.float64).to(device=device, dtype=torch.float32)  # [S]
+    plain = all(w == 1.0 for w in weights)
+    point_w = torch.tensor(weights, dtype=torch.float32, device=device)  # [S]
+    if cfg.ig_path == "all_layers":
+        row_in = torch.arange(n, device=device).repeat_interleave(cfg.steps)  # [N*S]
+        row_alpha, row_w = alphas.repeat(n), point_w.repeat(n)
+        row_layers = torch.ones((n * cfg.steps, n_layers), dtype=torch.bool, device=device)
+    else:
+        row_in = torch.arange(n, device=device).repeat_interleave(n_layers * cfg.steps)  # [N*L*S]
+        layer_of = torch.arange(n_layers, device=device).repeat_interleave(cfg.steps).repeat(n)
+        row_alpha, row_w = alphas.repeat(n * n_layers), point_w.repeat(n * n_layers)
+        row_layers = torch.nn.functional.one_hot(layer_of, n_layers).bool()
+    return row_in, row_alpha, row_w, row_layers, plain
 
 
 def attribute_rows_loop(
@@ -339,39 +373,58 @@ def attribute_rows_loop(
     the reference the batched path is checked and timed against.
     """
     modules = mlp_out_modules(model, arch)
-    n_layers = len(modules)
     device = next(model.parameters()).device
+    score = ATTRIBUTIONS[cfg.method].loop
     out = []
     for n, row in enumerate(rows):
-        ids = torch.tensor([row], device=device)  # [1, T]
-        a = _clean_last(model, modules, ids)  # [L, F]
-        if cfg.method == "activation":
-            out.append(a.abs())
-            continue
-        target = targets[n]
-        if cfg.method == "grad_x_act":
-            out.append(a * _path_grads(model, modules, ids, target, {l: a[l] for l in range(n_layers)}))
-            continue
-        b = torch.zeros_like(a)
-        if cfg.baseline == "eos":
-            if eos_id is None:
-                raise ValueError("baseline 'eos' needs the tokenizer's eos_token_id")
-            variants = []
-            for j in range(1 if skip_first else 0, len(row)):
-                v = list(row)
-                v[j] = eos_id
-                variants.append(_clean_last(model, modules, torch.tensor([v], device=device)))
-            b = torch.stack(variants).mean(0)
-        paths = [list(range(n_layers))] if cfg.ig_path == "all_layers" else [[l] for l in range(n_layers)]
-        nodes, weights = quadrature_points(cfg.quadrature, cfg.steps)
-        grad_sum = torch.zeros_like(a)  # [L, F]
-        for layers in paths:
-            for alpha, w in zip(nodes, weights):
-                point = {l: b[l] + alpha * (a[l] - b[l]) for l in layers}
-                g = _path_grads(model, modules, ids, target, point)  # [L, F]
-                grad_sum += g if w == 1.0 else w * g
-        out.append((a - b) * grad_sum / cfg.steps)
+        one = _Row(model, modules, row, torch.tensor([row], device=device), targets[n] if cfg.needs_answer else None,
+                   eos_id, skip_first)
+        out.append(score(one, _clean_last(model, modules, one.ids), cfg))  # activations [L, F] -> scores [L, F]
     return torch.stack(out)
+
+
+@dataclass
+class _Row:
+    """One unpadded row of :func:`attribute_rows_loop`: ``ids`` ``[1, T]``."""
+
+    model: torch.nn.Module
+    modules: list[torch.nn.Module]
+    row: list[int]
+    ids: torch.Tensor
+    target: int | None
+    eos_id: int | None
+    skip_first: bool
+
+
+def _activation_loop(one: _Row, a: torch.Tensor, cfg: AttributionConfig) -> torch.Tensor:
+    return a.abs()
+
+
+def _grad_x_act_loop(one: _Row, a: torch.Tensor, cfg: AttributionConfig) -> torch.Tensor:
+    return a * _path_grads(one.model, one.modules, one.ids, one.target, {l: a[l] for l in range(len(one.modules))})
+
+
+def _integrated_gradients_loop(one: _Row, a: torch.Tensor, cfg: AttributionConfig) -> torch.Tensor:
+    n_layers = len(one.modules)
+    b = torch.zeros_like(a)
+    if cfg.baseline == "eos":
+        if one.eos_id is None:
+            raise ValueError("baseline 'eos' needs the tokenizer's eos_token_id")
+        variants = []
+        for j in range(1 if one.skip_first else 0, len(one.row)):
+            v = list(one.row)
+            v[j] = one.eos_id
+            variants.append(_clean_last(one.model, one.modules, torch.tensor([v], device=one.ids.device)))
+        b = torch.stack(variants).mean(0)
+    paths = [list(range(n_layers))] if cfg.ig_path == "all_layers" else [[l] for l in range(n_layers)]
+    nodes, weights = quadrature_points(cfg.quadrature, cfg.steps)
+    grad_sum = torch.zeros_like(a)  # [L, F]
+    for layers in paths:
+        for alpha, w in zip(nodes, weights):
+            point = {l: b[l] + alpha * (a[l] - b[l]) for l in layers}
+            g = _path_grads(one.model, one.modules, one.ids, one.target, point)  # [L, F]
+            grad_sum += g if w == 1.0 else w * g
+    return (a - b) * grad_sum / cfg.steps
 
 
 def _clean_last(model, modules, ids: torch.Tensor) -> torch.Tensor:
@@ -465,3 +518,23 @@ def _grad_x_act(model, modules, ids, mask, pos, tgt, batch_rows: int) -> torch.T
             grads = torch.autograd.grad(prob.sum(), [leaves[l] for l in order])
         parts.append(torch.stack([leaves[l].detach() * g for l, g in zip(order, grads)], dim=1))
     return torch.cat(parts)
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """One way of scoring neurons: the batched computation, the plain reference, and whether it needs the answer."""
+
+    batched: Callable[[_Rows, AttributionConfig], torch.Tensor]
+    """Every row of a call at once: ``[N, L, d_ff]``."""
+    loop: Callable[[_Row, torch.Tensor, AttributionConfig], torch.Tensor]
+    """One row from its clean last-position activations ``[L, d_ff]``: its scores ``[L, d_ff]``."""
+    needs_answer: bool = True
+    """Whether the scores depend on the answer token."""
+
+
+ATTRIBUTIONS: dict[str, Attribution] = {
+    "integrated_gradients": Attribution(_integrated_gradients, _integrated_gradients_loop),
+    "grad_x_act": Attribution(_grad_x_act_rows, _grad_x_act_loop),
+    "activation": Attribution(_activation, _activation_loop, needs_answer=False),  # LAFN's magnitude analysis
+}
+"""``attribution.method`` -> how it scores (a new method is one entry here)."""
