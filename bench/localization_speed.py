@@ -28,7 +28,7 @@ import torch
 
 from mke_lightning.localization.attribution import AttributionConfig, attribute_rows, attribute_rows_loop
 from mke_lightning.data import demo_records
-from mke_lightning.localization.locate import LocalizationConfig, answer_rows, localisation_prompts, old_answers, select, sum_per_prompt
+from mke_lightning.localization.locate import LocalizationConfig, answer_rows, localisation_prompts, old_answers, select_neurons, sum_per_prompt
 from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 
@@ -64,12 +64,12 @@ def main() -> None:
 
         t = time.perf_counter()
         batched = attribute_rows(model, arch, rows, targets, attr, pad_id=tok.pad_token_id, **kw)
-        select(sum_per_prompt(batched, owner, len(prompts)), cfg)
+        select_neurons(sum_per_prompt(batched, owner, len(prompts)), cfg)
         times["batched"].append(time.perf_counter() - t)
 
         t = time.perf_counter()
         loop = attribute_rows_loop(model, arch, rows, targets, attr, **kw)
-        select(sum_per_prompt(loop, owner, len(prompts)), cfg)
+        select_neurons(sum_per_prompt(loop, owner, len(prompts)), cfg)
         times["loop"].append(time.perf_counter() - t)
 
         max_diff = max(max_diff, float((batched - loop).abs().max()))

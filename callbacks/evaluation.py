@@ -11,7 +11,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mke_lightning.evaluation.aggregate import EvalAggregate
-from mke_lightning.callbacks._protocol import languages_of, model_and_tokenizer
+from mke_lightning.callbacks.module_access import languages_of, model_and_tokenizer
 from mke_lightning.evaluation.evaluator import MEASURES, EditEvaluator, Item, build_items, target_group
 from mke_lightning.localization.locate import LocalizationConfig
 from mke_lightning.evaluation.metrics import PROTOCOLS
@@ -67,7 +67,7 @@ class EditEvaluation(L.Callback):
     Works on any LightningModule that offers ``causal_lm`` (or
     ``get_causal_lm()``) and ``tokenizer``, with a DataModule offering
     ``records``, ``edit_language`` and ``eval_languages``
-    (:mod:`mke_lightning.callbacks._protocol`).
+    (:mod:`mke_lightning.callbacks.module_access`).
     """
 
     def __init__(

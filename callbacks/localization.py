@@ -9,7 +9,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mke_lightning.modeling.architectures import mlp_out_modules
-from mke_lightning.callbacks._protocol import causal_lm_of, languages_of, masks_of, records_of
+from mke_lightning.callbacks.module_access import causal_lm_of, languages_of, masks_of, records_of
 from mke_lightning.localization.locate import LocalizationConfig
 from mke_lightning.reporting.localization import summarize, write_summary
 from mke_lightning.modeling.collectives import rank_and_world
@@ -37,8 +37,8 @@ class NeuronLocalization(L.Callback):
     whose model (fingerprint), settings or records differ from the
     checkpoint's stops with an error that names the difference.
 
-    Works on any LightningModule that offers the small protocol described in
-    :mod:`mke_lightning.callbacks._protocol` (``causal_lm`` or
+    Works on any LightningModule that offers the few attributes listed in
+    :mod:`mke_lightning.callbacks.module_access` (``causal_lm`` or
     ``get_causal_lm()``, and ``tokenizer``).
     """
 

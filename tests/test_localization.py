@@ -7,7 +7,7 @@ import torch
 
 from mke_lightning.modeling.architectures import mlp_out_modules
 from mke_lightning.localization.attribution import AttributionConfig, attribute_rows, attribute_rows_loop, last_position_patch, rows_per_pass
-from mke_lightning.localization.locate import LocalizationConfig, locate, select
+from mke_lightning.localization.locate import LocalizationConfig, locate, select_neurons
 from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 from mke_lightning.localization.neurons import NeuronMask
 
@@ -165,7 +165,7 @@ def test_planted_neuron_is_found_by_every_method(tiny_llama_dir, name):
     neuron = _plant(model, arch, tok, row, target)
     scores = attribute_rows(model, arch, [row], [target], METHODS[name], pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
     assert divmod(int(scores[0].flatten().argmax()), scores.shape[2]) == (PLANT_LAYER, neuron)
-    kept = select(scores, LocalizationConfig(threshold=None, top_k=1))
+    kept = select_neurons(scores, LocalizationConfig(threshold=None, top_k=1))
     assert kept.sum() == 1 and kept[0, PLANT_LAYER, neuron]
 
 
@@ -173,15 +173,15 @@ def test_planted_neuron_is_found_by_every_method(tiny_llama_dir, name):
 
 def test_selection_criteria_combine():
     scores = torch.tensor([[[5.0, 1.0, 0.0, 2.0], [4.0, -3.0, 0.5, 1.6]]])  # [P=1, L=2, F=4]
-    assert select(scores, LocalizationConfig(threshold=0.3)).tolist() == [[[True, False, False, True], [True, False, False, True]]]
-    assert select(scores, LocalizationConfig(threshold=None, top_k=2)).tolist() == [[[True, False, False, False], [True, False, False, False]]]
-    both = select(scores, LocalizationConfig(threshold=0.3, top_k=3))  # 5, 4, 2 by rank; all above 1.5
+    assert select_neurons(scores, LocalizationConfig(threshold=0.3)).tolist() == [[[True, False, False, True], [True, False, False, True]]]
+    assert select_neurons(scores, LocalizationConfig(threshold=None, top_k=2)).tolist() == [[[True, False, False, False], [True, False, False, False]]]
+    both = select_neurons(scores, LocalizationConfig(threshold=0.3, top_k=3))  # 5, 4, 2 by rank; all above 1.5
     assert both.sum() == 3 and both[0, 0, 3]
-    only_last = select(scores, LocalizationConfig(threshold=0.5, layers=[-1]))  # max is then 4: keep > 2
+    only_last = select_neurons(scores, LocalizationConfig(threshold=0.5, layers=[-1]))  # max is then 4: keep > 2
     assert only_last.tolist() == [[[False] * 4, [True, False, False, False]]]
     with pytest.raises(ValueError, match="layers holds 5"):
-        select(scores, LocalizationConfig(layers=[5]))
-    assert not select(torch.zeros(1, 2, 4), LocalizationConfig()).any()  # nothing scores: nothing kept
+        select_neurons(scores, LocalizationConfig(layers=[5]))
+    assert not select_neurons(torch.zeros(1, 2, 4), LocalizationConfig()).any()  # nothing scores: nothing kept
 
 
 @pytest.mark.parametrize(

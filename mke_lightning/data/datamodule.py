@@ -19,11 +19,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mke_lightning.data import formats
 from mke_lightning.data.context import check_prompt_lengths, model_context
 from mke_lightning.data.jsonl import JsonlParser, demo_path
-from mke_lightning.data.selection import select, shard
+from mke_lightning.data.selection import select_records, shard
 from mke_lightning.data.source import MAX_REASONS, ON_ERROR, RecordSource
 from mke_lightning.data.records import EditRecord, RecordError, is_language_code
 
-FORMATS = ("demo", "auto", *formats.FORMATS)
+FORMAT_CHOICES = ("demo", "auto", *formats.FORMATS)  # what `format` accepts: the adapters and two more
 
 
 class EditBatch:
@@ -150,8 +150,8 @@ class EditDataModule(L.LightningDataModule):
         on_error: str = "raise",
     ) -> None:
         super().__init__()
-        if format not in FORMATS:
-            raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
+        if format not in FORMAT_CHOICES:
+            raise ValueError(f"format must be one of {list(FORMAT_CHOICES)}, got {format!r}")
         if format != "demo" and not path:
             raise ValueError(f"format {format!r} needs a path (the data file, or the MzsRE / MLaKE folder)")
         _check_language(edit_language, "edit_language")
@@ -221,7 +221,7 @@ class EditDataModule(L.LightningDataModule):
     def _load(self) -> None:
         if self._data is None:
             data = self._open()
-            selected = select(data, self.ids, self.offset, self.limit)
+            selected = select_records(data, self.ids, self.offset, self.limit)
             if not len(selected):
                 raise RecordError(
                     f"no records selected: the data has {len(data)}, offset={self.offset}, limit={self.limit}"

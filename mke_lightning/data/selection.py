@@ -3,7 +3,7 @@
 Both steps work on record numbers (positions in a :class:`RecordSource`), so
 nothing is read but the few records named in errors.
 
-1. :func:`select`: ``ids`` (file order kept), then ``offset`` and ``limit``.
+1. :func:`select_records`: ``ids`` (file order kept), then ``offset`` and ``limit``.
 2. :func:`shard`: order the selection (file order, or shuffled by ``seed``)
    and deal it to ``world_size`` ranks in turn. Every record lands on exactly
    one rank; shard sizes differ by at most one unit when the count is not a
@@ -19,7 +19,7 @@ from mke_lightning.data.source import RecordSource, id_hash
 from mke_lightning.data.records import RecordError
 
 
-def select(
+def select_records(
     source: RecordSource, ids: list[str] | None = None, offset: int = 0, limit: int | None = None
 ) -> np.ndarray:
     """Record numbers of the run, in file order (int64 array)."""
@@ -50,7 +50,7 @@ def shard(
     """The record numbers rank ``rank`` of ``world_size`` edits, in its order.
 
     Args:
-        positions: the selection (from :func:`select`).
+        positions: the selection (from :func:`select_records`).
         groups: for each position, a key; neighbours with equal keys are one
             unit (the raw item index: an MQuAKE case's edits share it).
         seed: ``None`` keeps file order; an integer shuffles the units with

@@ -30,7 +30,7 @@ the whole batch's training units), the gradients are summed through the
 strategy, and the stopping rule reads the whole batch's loss. Every rank then
 applies the same update, as one process editing the whole batch would.
 
-Callbacks reach the model through a small protocol that any LightningModule
+Callbacks reach the model through a few attributes that any LightningModule
 can offer: attributes ``causal_lm`` (a Hugging Face causal LM), ``tokenizer``
 and ``arch`` (an :class:`~mke_lightning.modeling.architectures.ArchSpec`), and a dict
 ``neuron_masks`` (record id -> :class:`~mke_lightning.localization.neurons.NeuronMask`).
@@ -68,7 +68,7 @@ from mke_lightning.editing.value_update import ValueUpdateConfig
 log = logging.getLogger(__name__)
 
 
-PROTOCOLS = ("single", "batch", "sequential")
+EDIT_PROTOCOLS = ("single", "batch", "sequential")  # the editing protocols (metrics.PROTOCOLS are the metric ones)
 
 
 def unite_masks(masks: list[NeuronMask]) -> NeuronMask:
@@ -166,8 +166,8 @@ class KnowledgeEditor(L.LightningModule):
         self.lora_config = lora or LoRAConfig()
         self.loss_config = loss or EditLossConfig()
         self.optimizer_factory = optimizer
-        if protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        if protocol not in EDIT_PROTOCOLS:
+            raise ValueError(f"protocol must be one of {EDIT_PROTOCOLS}, got {protocol!r}")
         self.protocol = protocol
         self.values_config = values or ValueUpdateConfig()
         self.solve_config = solve or SolveConfig()

@@ -153,7 +153,7 @@ def prompt_scores(model, tokenizer, arch: ArchSpec, prompts: list[tuple[list[int
     return sum_per_prompt(scores, owner, len(prompts))
 
 
-def select(scores: torch.Tensor, cfg: LocalizationConfig) -> torch.Tensor:
+def select_neurons(scores: torch.Tensor, cfg: LocalizationConfig) -> torch.Tensor:
     """Boolean ``[P, L, d_ff]``: the neurons each prompt keeps (every set criterion holds)."""
     n_prompts, n_layers, width = scores.shape
     keep = scores > 0
@@ -221,7 +221,7 @@ def locate(model, tokenizer, arch: ArchSpec, record: EditRecord, edit_language: 
         if usual is None:
             usual = usual_activity(model, tokenizer, arch, cfg.background)
         scores = scores / usual.to(scores.device)[None]
-    kept = select(scores, cfg)  # [P, L, F]
+    kept = select_neurons(scores, cfg)  # [P, L, F]
 
     per_lang: dict[str, torch.Tensor] = {}
     for lang in langs:

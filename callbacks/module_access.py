@@ -1,6 +1,6 @@
 """What the callbacks need from a LightningModule and a DataModule.
 
-The localisation protocol, for any LightningModule (ours or a user's):
+What localisation reads, from any LightningModule (ours or a user's):
 
 * the causal LM: an attribute ``causal_lm``, or a method ``get_causal_lm()``
   returning it (a Hugging Face ``PreTrainedModel`` with a causal LM head);
@@ -23,17 +23,6 @@ from __future__ import annotations
 
 from mke_lightning.modeling.architectures import ArchSpec, resolve_arch
 
-REQUIRED = ("causal_lm", "tokenizer", "arch", "neuron_masks")
-
-
-def check_module(pl_module, who: str) -> None:
-    missing = [a for a in REQUIRED if getattr(pl_module, a, None) is None]
-    if missing:
-        raise AttributeError(
-            f"{who} needs the LightningModule to offer {', '.join(REQUIRED)}; "
-            f"{type(pl_module).__name__} lacks {', '.join(missing)} (see mke_lightning.editing.editor)"
-        )
-
 
 def model_and_tokenizer(pl_module, who: str) -> tuple[object, object]:
     """``(model, tokenizer)`` of a module offering ``causal_lm`` (or ``get_causal_lm()``) and ``tokenizer``.
@@ -53,7 +42,7 @@ def model_and_tokenizer(pl_module, who: str) -> tuple[object, object]:
     if problems:
         raise AttributeError(
             f"{who} needs {type(pl_module).__name__} to offer {' and '.join(problems)}; "
-            "see the protocol in mke_lightning.callbacks._protocol (docs/localization.md)"
+            "see what the callbacks need in mke_lightning.callbacks.module_access (docs/localization.md)"
         )
     if tokenizer.pad_token_id is None:
         raise ValueError(f"{who}: the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the EOS token)")
@@ -61,7 +50,7 @@ def model_and_tokenizer(pl_module, who: str) -> tuple[object, object]:
 
 
 def causal_lm_of(pl_module, who: str) -> tuple[object, object, ArchSpec]:
-    """``(model, tokenizer, arch)`` of a module offering the localisation protocol."""
+    """``(model, tokenizer, arch)`` of a module offering what localisation reads (the module docstring)."""
     model, tokenizer = model_and_tokenizer(pl_module, who)
     arch = getattr(pl_module, "arch", None) or resolve_arch(model.config.model_type)
     return model, tokenizer, arch
@@ -76,22 +65,15 @@ def masks_of(pl_module) -> dict:
     return masks
 
 
-def run_languages(trainer, pl_module) -> tuple[str, list[str]]:
-    """(edit language, evaluation languages) of the run, from the DataModule."""
-    return languages_of(trainer.datamodule, pl_module)
-
-
 def languages_of(datamodule, pl_module) -> tuple[str, list[str]]:
+    """(edit language, evaluation languages) of the run, from the DataModule (else the module, else ``en``)."""
     edit = getattr(datamodule, "edit_language", None) or getattr(pl_module, "edit_language", "en")
     evals = list(getattr(datamodule, "eval_languages", None) or [edit])
     return edit, evals
 
 
-def run_records(trainer) -> list:
-    return records_of(trainer.datamodule)
-
-
 def records_of(datamodule) -> list:
+    """The DataModule's records (this rank's share)."""
     if datamodule is None or not hasattr(datamodule, "records"):
         raise AttributeError("the callbacks need a DataModule with a `records` list (mke_lightning.data.EditDataModule)")
     return list(datamodule.records)
