@@ -13,6 +13,7 @@ from mke_lightning.callbacks.module_access import causal_lm_of, languages_of, ma
 from mke_lightning.localization.locate import LocalizationConfig
 from mke_lightning.reporting.localization import summarize, write_summary
 from mke_lightning.modeling.collectives import rank_and_world
+from mke_lightning.reporting.run_settings import run_settings
 from mke_lightning.localization.stage import StageResult, localize_records
 from mke_lightning.localization.cache import MaskCache, model_fingerprint, settings_key
 from mke_lightning.localization.neurons import NeuronMask
@@ -78,6 +79,7 @@ class NeuronLocalization(L.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         # Lightning loads a checkpoint's state after this and before on_fit_start (but under DeepSpeed and FSDP)
         self._fit_started = False
+        run_settings(trainer).add("localization", lambda: asdict(self.settings))  # results.json: runs told apart
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._fit_started = True

@@ -77,3 +77,20 @@ def records_of(datamodule) -> list:
     if datamodule is None or not hasattr(datamodule, "records"):
         raise AttributeError("the callbacks need a DataModule with a `records` list (mke_lightning.data.EditDataModule)")
     return list(datamodule.records)
+
+
+def edit_protocol_of(pl_module) -> str | None:
+    """The module's editing protocol (``single``, ``batch``, ``sequential``), where it says (``protocol``):
+    under ``sequential`` every edit stays, and the evaluation callback measures retention."""
+    return getattr(pl_module, "protocol", None)
+
+
+def resumed_ids_of(pl_module) -> set[str]:
+    """The records of the edits a resumed module made before the restart (its ``resumed`` edit log, if any)."""
+    return {o.record_id for o in getattr(pl_module, "resumed", None) or []}
+
+
+def all_records_of(datamodule):
+    """Every rank's records (the DataModule's ``all_records``, else its ``records``; ``None`` without either)."""
+    records = getattr(datamodule, "all_records", None)
+    return records if records is not None else getattr(datamodule, "records", None)

@@ -55,9 +55,9 @@ def _worker(rank: int, world: int, port: int, out_path: str) -> None:
         else:
             records = [rows for rows in records if rows[0]["record_id"] not in ("r0", "r3")]
         summary = _aggregate(records).compute()  # syncs: sums over both ranks
-        from mke_lightning.callbacks.evaluation import _gather
+        from mke_lightning.modeling.collectives import gather_rows
 
-        gathered = _gather([r for rows in records for r in rows])
+        gathered = gather_rows([r for rows in records for r in rows])
         if rank == 0:
             with open(out_path, "w") as f:
                 json.dump({"summary": summary, "rows": len(gathered)}, f)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from mke_lightning.editing.editor import EditLossConfig, KnowledgeEditor, unite_masks
+from mke_lightning.editing.editor import EditLossConfig, KnowledgeEditor
+from mke_lightning.localization.neurons import unite_masks
 from mke_lightning.evaluation.evaluator import EditEvaluator, build_items
 from mke_lightning.editing.masked_lora import LoRAConfig
 from mke_lightning.modeling.loading import ModelConfig, load_causal_lm

@@ -21,6 +21,7 @@ from mke_lightning.data.context import check_prompt_lengths, model_context
 from mke_lightning.data.jsonl import JsonlParser, demo_path
 from mke_lightning.data.selection import select_records, shard
 from mke_lightning.data.source import MAX_REASONS, ON_ERROR, RecordSource
+from mke_lightning.reporting.run_settings import run_settings
 from mke_lightning.data.records import EditRecord, RecordError, is_language_code
 
 FORMAT_CHOICES = ("demo", "auto", *formats.FORMATS)  # what `format` accepts: the adapters and two more
@@ -314,8 +315,10 @@ class EditDataModule(L.LightningDataModule):
         """Nothing to download: data is read from local files in :meth:`setup`."""
 
     def setup(self, stage: str | None = None) -> None:
-        """Check the data and pick this rank's records (the data is read once)."""
+        """Check the data and pick this rank's records (the data is read once); the run's settings
+        get the data's description (``results.json``'s ``data``, taken when the results are written)."""
         self._load()
+        run_settings(self.trainer).add("data", self.describe)
 
     def teardown(self, stage: str | None = None) -> None:
         """At the end of a run, report the skipped records again."""

@@ -35,7 +35,7 @@ from pathlib import Path
 from torch import nn
 
 from mke_lightning.modeling.architectures import ArchSpec
-from mke_lightning.editing.masked_lora import APPLY_MODES, apply_delta
+from mke_lightning.editing.neuron_delta import APPLY_MODES, apply_delta
 from mke_lightning.modeling.loading import EMBEDDED_DEFAULT, ModelConfig, load_causal_lm, resolve_model_path
 from mke_lightning.localization.cache import model_fingerprint
 from mke_lightning.editing.neuron_delta import NeuronDelta, OnTop, Restore, can_write_in_place, read_delta

@@ -30,11 +30,9 @@ import torch
 from torch import nn
 
 from mke_lightning.modeling.architectures import ArchSpec, neuron_dim, num_neurons
-from mke_lightning.editing.neuron_delta import NeuronDelta, OnTop, Restore, can_write_in_place
-from mke_lightning.localization.neurons import CATEGORIES, Category, NeuronMask
+from mke_lightning.editing.neuron_delta import APPLY_MODES, ApplyMode, NeuronDelta, OnTop, Restore, apply_delta
+from mke_lightning.localization.neurons import CATEGORIES, Category, NeuronMask, merge_layers
 
-ApplyMode = Literal["auto", "merge", "on_top"]
-APPLY_MODES: tuple[str, ...] = get_args(ApplyMode)
 
 
 @dataclass
@@ -104,11 +102,7 @@ class MaskedLoRA:
 
     def neurons(self) -> dict[int, list[int]]:
         """Layer -> the neurons whose value vectors the adapters can change."""
-        out: dict[int, set[int]] = {}
-        for per_layer in self.layers.values():
-            for layer, idx in per_layer.items():
-                out.setdefault(layer, set()).update(idx)
-        return {l: sorted(v) for l, v in sorted(out.items())}
+        return merge_layers(self.layers.values())
 
     def count(self) -> int:
         return sum(len(idx) for idx in self.neurons().values())
@@ -189,16 +183,6 @@ class MaskedLoRA:
     def discard(self) -> None:
         """Remove the adapters without touching the base weights."""
         self._unload()
-
-
-def apply_delta(model: nn.Module, arch: ArchSpec, delta: NeuronDelta, mode: str = "auto") -> Restore | OnTop:
-    """Apply an edit merged or on top (``auto``: merged where every touched weight can be written in place)."""
-    if mode == "auto":
-        writable = all(can_write_in_place(model.get_submodule(arch.mlp_out_name(l))) for l in delta.layers)
-        mode = "merge" if writable else "on_top"
-    if mode == "merge":
-        return delta.merge_into(model, arch)
-    return delta.apply_on_top(model, arch)
 
 
 def whole_layers(model: nn.Module, arch: ArchSpec, layers: list[int], record_id: str = "") -> NeuronMask:

@@ -29,11 +29,17 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
 from mke_lightning.modeling.architectures import ArchSpec, neuron_dim, num_layers, weight_shape
+
+
+ApplyMode = Literal["auto", "merge", "on_top"]
+APPLY_MODES: tuple[str, ...] = get_args(ApplyMode)
+"""How an edit goes into the model: merged into the weights, on top of them (a hook), or ``auto``."""
 
 
 @dataclass
@@ -154,6 +160,16 @@ class NeuronDelta:
     def load(cls, path: str | Path) -> "NeuronDelta":
         """The delta saved in ``path``; :class:`NotADeltaError` if the file holds none."""
         return cls(_layers(_open(path)[0], path))
+
+
+def apply_delta(model: nn.Module, arch: ArchSpec, delta: NeuronDelta, mode: str = "auto") -> Restore | OnTop:
+    """Apply an edit merged or on top (``auto``: merged where every touched weight can be written in place)."""
+    if mode == "auto":
+        writable = all(can_write_in_place(model.get_submodule(arch.mlp_out_name(l))) for l in delta.layers)
+        mode = "merge" if writable else "on_top"
+    if mode == "merge":
+        return delta.merge_into(model, arch)
+    return delta.apply_on_top(model, arch)
 
 
 def read_delta(path: str | Path) -> tuple[NeuronDelta, dict]:

@@ -36,6 +36,8 @@ neighbourhood item: the record reports nothing there, not zero.
 
 from __future__ import annotations
 
+import time
+
 import hashlib
 import random
 from dataclasses import dataclass
@@ -193,3 +195,19 @@ class NeighbourPool:
             if got:
                 out[lang] = got
         return out
+
+
+def neighbour_pool(records, languages: list[str], edit_language: str, cfg: NeighbourhoodConfig) -> NeighbourPool | None:
+    """The run's records (every rank's: the same pool everywhere) indexed for neighbour prompts; ``None``, with a
+    warning, when the DataModule offers none."""
+    from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+    if records is None:
+        rank_zero_warn("EditEvaluation: the DataModule offers no `all_records` or `records`: no neighbour "
+                       "records to draw from, so no neighborhood measure")
+        return None
+    start = time.perf_counter()
+    pool = NeighbourPool(records, languages, edit_language, cfg)
+    rank_zero_info(f"neighbourhood: {len(pool)} records to draw {cfg.per_edit} neighbours per edit "
+                   f"from (seed {cfg.seed}; {time.perf_counter() - start:.1f} s)")
+    return pool

@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence, get_args
+from typing import Any, Iterable, Literal, Sequence, get_args
 
 import torch
 
@@ -29,6 +29,15 @@ LayerMap = dict[int, list[int]]
 
 def _clean(per_layer: dict) -> LayerMap:
     return {int(l): sorted(int(i) for i in idx) for l, idx in sorted(per_layer.items(), key=lambda kv: int(kv[0])) if len(idx)}
+
+
+def merge_layers(maps: Iterable[LayerMap]) -> LayerMap:
+    """Every neuron of ``maps``, per layer: ``layer -> sorted indices``."""
+    out: dict[int, set[int]] = {}
+    for per_layer in maps:
+        for layer, idx in per_layer.items():
+            out.setdefault(layer, set()).update(idx)
+    return {l: sorted(v) for l, v in sorted(out.items())}
 
 
 @dataclass
@@ -55,11 +64,7 @@ class NeuronMask:
 
     def union(self) -> LayerMap:
         """Neurons of every category, merged per layer."""
-        out: dict[int, set[int]] = {}
-        for per_layer in self.layers.values():
-            for layer, idx in per_layer.items():
-                out.setdefault(layer, set()).update(idx)
-        return {l: sorted(v) for l, v in sorted(out.items())}
+        return merge_layers(self.layers.values())
 
     def count(self, category: str | None = None) -> int:
         cats = [category] if category else list(self.layers)
@@ -174,6 +179,13 @@ class NeuronMask:
 
 class MaskError(ValueError):
     """A neuron mask that cannot be used: unreadable, or naming neurons the model does not have."""
+
+
+def unite_masks(masks: list[NeuronMask]) -> NeuronMask:
+    """One mask holding every neuron of ``masks``, per category and layer (a batch's edits trained together)."""
+    categories = dict.fromkeys([*CATEGORIES, *(c for m in masks for c in m.layers)])
+    return NeuronMask("+".join(m.record_id for m in masks),
+                      {c: merge_layers(m.layers.get(c, {}) for m in masks) for c in categories})
 
 
 def model_bounds(model, arch) -> tuple[int, list[int]]:

@@ -31,6 +31,16 @@ def gather_object(obj, world_size: int) -> list:
     return parts
 
 
+def gather_all(obj) -> list:
+    """Every rank's ``obj`` in rank order, over the default process group (``[obj]`` outside one)."""
+    return gather_object(obj, rank_and_world()[1])
+
+
+def gather_rows(rows: list) -> list:
+    """Every rank's rows, one list in rank order, on every rank (one collective call; ``rows`` on one process)."""
+    return [r for part in gather_all(rows) for r in (part or [])]
+
+
 class SharedEdit:
     """The ranks that train one edit together, each on its share of the batch's records."""
 

@@ -162,3 +162,16 @@ def load_causal_lm(cfg: ModelConfig, device: str | torch.device | None = None) -
     contiguous_head_input(model)
     arch = resolve_arch(model.config.model_type, cfg.architecture)
     return model, tokenizer, arch
+
+
+def load_for_strategy(cfg: ModelConfig, strategy=None) -> tuple[Any, Any, ArchSpec, Any]:
+    """:func:`load_causal_lm` where ``strategy`` wants the weights: on its device, or, under DeepSpeed ZeRO
+    stage 3, partitioned as they are built. The fourth item must be kept alive while the model is used
+    (transformers loads partitioned weights correctly only while a DeepSpeed config object lives); ``None``
+    otherwise. No strategy (a library call): on the CPU."""
+    if getattr(strategy, "zero_stage_3", False):
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep = HfDeepSpeedConfig(strategy.config)
+        return (*load_causal_lm(cfg, device=None), keep)  # deepspeed.zero.Init places each parameter itself
+    return (*load_causal_lm(cfg, device=strategy.root_device if strategy is not None else None), None)
