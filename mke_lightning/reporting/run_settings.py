@@ -24,7 +24,7 @@ SECTIONS = ("module", "data", "localization")
 """The sections ``results.json`` reads: ``module`` (``method``, ``protocol``, ``train_languages``,
 ``settings``, ``model``), ``data`` (the DataModule's description) and ``localization`` (settings)."""
 
-_BY_TRAINER: "weakref.WeakKeyDictionary[object, RunSettings]" = weakref.WeakKeyDictionary()
+_BY_TRAINER: dict[int, "RunSettings"] = {}  # id(trainer) -> its run settings, dropped with the trainer
 
 
 class RunSettings:
@@ -46,10 +46,17 @@ class RunSettings:
 
 
 def run_settings(trainer) -> RunSettings:
-    """The run settings of ``trainer``'s run (created on first use; an empty one without a trainer)."""
+    """The run settings of ``trainer``'s run (created on first use; an empty one without a trainer, or for an
+    object standing in for one that cannot be followed to its end)."""
     if trainer is None:
         return RunSettings()
-    found = _BY_TRAINER.get(trainer)
+    key = id(trainer)
+    found = _BY_TRAINER.get(key)
     if found is None:
-        found = _BY_TRAINER[trainer] = RunSettings()
+        found = RunSettings()
+        try:
+            weakref.finalize(trainer, _BY_TRAINER.pop, key, None)
+        except TypeError:  # no weak reference to it (a SimpleNamespace in a test): nothing to keep
+            return found
+        _BY_TRAINER[key] = found
     return found
