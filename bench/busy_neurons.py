@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mke_lightning.editing.neuron_delta import read_delta
 from mke_lightning.localization.background import BackgroundConfig, background_prompts, busy_neurons, neuron_activity
 from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
-from mke_lightning.editing.neuron_delta import read_delta
 
 
 def main() -> None:

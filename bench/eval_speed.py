@@ -26,9 +26,9 @@ import torch
 
 from mke_lightning.data import read_mzsre
 from mke_lightning.evaluation.evaluator import EditEvaluator, build_items
+from mke_lightning.modeling.forward import greedy_generate, kept_logits, pack, teacher_forced
 from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 from mke_lightning.modeling.prefix_scoring import TargetScore
-from mke_lightning.modeling.forward import greedy_generate, kept_logits, pack, teacher_forced
 
 MEASURES = ("reliability", "generality", "locality", "portability")
 MZSRE_LANGUAGES = ["en", "cs", "de", "es", "fr", "nl", "pt", "ru", "th", "tr", "vi", "zh"]

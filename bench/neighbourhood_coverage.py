@@ -57,7 +57,10 @@ def main() -> None:
         lines.append([lang, f"{placed}/{n}", f"{shared}/{n}", f"{sum(bool(g) for g in got)}/{n}",
                       f"{sum(map(len, got)) / n:.2f}", *(str(sources[s]) for s in SOURCES)])
     widths = [max(len(r[i]) for r in [head, *lines]) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))
+
+    def fmt(r):
+        return "  ".join(c.rjust(w) for c, w in zip(r, widths))
+
     print("\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)]))
 
 

@@ -189,8 +189,10 @@ class EditEvaluation(L.Callback):
         if saved is not None:
             self._take_back(trainer, pl_module, saved)
         elif stage == "fit" and resumed_ids_of(pl_module):
-            rank_zero_warn("EditEvaluation: resumed from a checkpoint without an evaluation state (the callback was not in "
-                           "that run?); the results cover only the edits made from here on")
+            rank_zero_warn(
+                "EditEvaluation: resumed from a checkpoint without an evaluation state (the callback was not in "
+                "that run?); the results cover only the edits made from here on"
+            )
         self._fit_set_up = stage == "fit"
 
     # -- scoring --------------------------------------------------------------
@@ -246,7 +248,7 @@ class EditEvaluation(L.Callback):
         self._fit_set_up = False
 
     def state_dict(self) -> dict:
-        """The fit's evaluation so far, for a checkpoint (empty outside fit); see :mod:`mke_lightning.evaluation.resume`.
+        """The fit's evaluation so far, for a checkpoint (empty outside fit); :mod:`mke_lightning.evaluation.resume`.
 
         Lightning calls this on every rank and rank 0 writes the file, so each rank's part is gathered
         here (collective calls).
@@ -259,8 +261,10 @@ class EditEvaluation(L.Callback):
         if not state_dict:
             return
         if self._fit_set_up:  # the strategy restores checkpoints after on_fit_start (DeepSpeed, FSDP)
-            rank_zero_warn("EditEvaluation: the checkpoint's evaluation arrived after the fit started and is not restored; "
-                           "the results cover only the edits made from here on")
+            rank_zero_warn(
+                "EditEvaluation: the checkpoint's evaluation arrived after the fit started and is not restored; "
+                "the results cover only the edits made from here on"
+            )
             return
         self._resume = state_dict  # taken back in _setup, once the languages and this rank's records are known
 

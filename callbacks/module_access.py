@@ -75,7 +75,9 @@ def languages_of(datamodule, pl_module) -> tuple[str, list[str]]:
 def records_of(datamodule) -> list:
     """The DataModule's records (this rank's share)."""
     if datamodule is None or not hasattr(datamodule, "records"):
-        raise AttributeError("the callbacks need a DataModule with a `records` list (mke_lightning.data.EditDataModule)")
+        raise AttributeError(
+            "the callbacks need a DataModule with a `records` list (mke_lightning.data.EditDataModule)"
+        )
     return list(datamodule.records)
 
 

@@ -123,8 +123,8 @@ def error_message(err: BaseException) -> str:
     """The message of ``err`` for the user: our own errors speak for themselves; any other error
     is prefixed with its type (``RuntimeError: CUDA out of memory ...``)."""
     from mke_lightning.callbacks.checkpoint import CheckpointError
-    from mke_lightning.localization.neurons import MaskError
     from mke_lightning.data.records import RecordError
+    from mke_lightning.localization.neurons import MaskError
 
     text = str(err).strip() or type(err).__name__
     if isinstance(err, (RecordError, MaskError, CheckpointError, ValueError, FileNotFoundError)):

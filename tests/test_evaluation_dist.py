@@ -30,7 +30,11 @@ def _rows(n_records: int = 9) -> list[list[dict]]:
                 row = {"record_id": f"r{r}", "edit_lang": "en", "eval_lang": lang, "measure": measure,
                        "group": "edit" if lang == "en" else rng.choice(["identical", "translated"])}
                 for proto in PROTOCOLS:
-                    row[proto] = None if proto == "prob" and measure not in ("reliability", "generality") else rng.randrange(7) / 3 % 1
+                    row[proto] = (
+                        None
+                        if proto == "prob" and measure not in ("reliability", "generality")
+                        else rng.randrange(7) / 3 % 1
+                    )
                 rows.append(row)
         out.append(rows)
     return out

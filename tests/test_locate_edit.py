@@ -9,13 +9,12 @@ import json
 import pytest
 import torch
 
-from mke_lightning.editing.editor import KnowledgeEditor
-from mke_lightning.editing.key_statistics import KeyStatistics, KeyStatsConfig, null_space_projector
-from mke_lightning.editing.methods.locate_edit import SolveConfig, subject_end
-from mke_lightning.modeling.loading import ModelConfig
-from mke_lightning.modeling.forward import encode_prompt, left_pad
-
 from conftest import out_projection_changes, toy_record, two_fact_records
+from mke_lightning.editing.editor import KnowledgeEditor
+from mke_lightning.editing.key_statistics import KeyStatistics, null_space_projector
+from mke_lightning.editing.methods.locate_edit import SolveConfig, subject_end
+from mke_lightning.modeling.forward import encode_prompt, left_pad
+from mke_lightning.modeling.loading import ModelConfig
 
 TEXT = ["the capital of france is paris", "honey is made by bees", "the sky is blue", "der himmel ist blau"]
 
@@ -38,7 +37,9 @@ def _keys_of(editor, texts: list[str], layers: list[int]) -> dict[int, torch.Ten
     return caught
 
 
-def _editor(model_dir, method: str, layers: list[int], protocol: str = "single", texts=TEXT, **solve) -> KnowledgeEditor:
+def _editor(
+    model_dir, method: str, layers: list[int], protocol: str = "single", texts=TEXT, **solve
+) -> KnowledgeEditor:
     """An editor on a tiny model whose key statistics are a stub: E[k kᵀ] of hooked keys over ``texts``."""
     ed = KnowledgeEditor(lm=ModelConfig(name_or_path=str(model_dir)), method=method, protocol=protocol,
                          solve=SolveConfig(layers=layers, **solve))
@@ -152,7 +153,9 @@ def test_sequential_alphaedit_keeps_an_earlier_edits_keys(tiny_llama_dir):
     ka = seen[0]  # [d_ff, 1]: the first edit's key
     written = ((w1 - w0) @ ka).norm()  # what the first edit wrote on its key
     drift = ((w2 - w1) @ ka).norm()  # what the second edit changed there
-    assert written > 0 and drift < 0.05 * written, f"the later edit moved the earlier key's value by {drift / written:.3f}"
+    assert written > 0 and drift < 0.05 * written, (
+        f"the later edit moved the earlier key's value by {drift / written:.3f}"
+    )
     assert torch.allclose(ed.method_impl.earlier[1], sum(k @ k.T for k in seen))
     # the memory survives a checkpoint: a fresh instance with the saved state solves alike
     state = ed.method_impl.state_dict()
@@ -204,7 +207,9 @@ def test_the_subject_token_is_found(tiny_llama_dir):
     text = "the tower is located in the city of"
     assert subject_end(tok, text, 0, "tower") == 2  # <bos> the tower
     assert subject_end(tok, text, 0, "not there") == len(encode_prompt(tok, text)) - 1
-    assert subject_end(tok, "the city . " + text, 11, "the") == 4  # <bos> the city . the: the occurrence after the prefix
+    assert (
+        subject_end(tok, "the city . " + text, 11, "the") == 4
+    )  # <bos> the city . the: the occurrence after the prefix
 
 
 def test_methods_refuse_missing_or_wrong_layers():
@@ -220,7 +225,6 @@ def test_methods_refuse_missing_or_wrong_layers():
 @pytest.mark.parametrize("method,layers", [("alphaedit", "[0, 1]"), ("rome", "[1]")])
 def test_a_locate_then_edit_method_runs_through_mke_fit(tmp_path, tiny_llama_dir, method, layers):
     from mke_lightning.cli import cli_main
-
     from test_cli import _toy_args
 
     args = _toy_args(tmp_path, tiny_llama_dir) + [

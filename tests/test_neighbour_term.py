@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from mke_lightning.editing.editor import KnowledgeEditor
-from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
-from mke_lightning.editing.objective import EditLossConfig, NeighbourKL, kl_from
-from mke_lightning.data.records import record_from_dict
-
 from conftest import toy_record
+from mke_lightning.data.records import record_from_dict
+from mke_lightning.editing.editor import KnowledgeEditor
+from mke_lightning.editing.objective import EditLossConfig, NeighbourKL, kl_from
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 
 def _record(rid="n1", subject="tower"):
@@ -29,7 +28,12 @@ def test_prompts_replace_the_subject_deterministically_and_skip_excluded_names(t
     assert first == nb.prompts(rec)  # the same every time
     en = [p for p in first if p.startswith("the ")]
     assert len(en) == 3 and all("tower" not in p for p in en)
-    assert all(p.replace(n, "tower") == rec.facts("en").prompt for p in en for n in ["paris", "rome", "berlin", "madrid", "honey"] if n in p)
+    assert all(
+        p.replace(n, "tower") == rec.facts("en").prompt
+        for p in en
+        for n in ["paris", "rome", "berlin", "madrid", "honey"]
+        if n in p
+    )
     assert first[-1] == "la paris est de la ville"  # French: its one name
     nb.exclude(["Rome", "paris"])
     assert not any("rome" in p or "paris" in p for p in nb.prompts(rec))

@@ -7,13 +7,12 @@ import json
 import pytest
 import torch
 
+from conftest import REPO
 from mke_lightning.data import read_mzsre
 from mke_lightning.editing.editor import KnowledgeEditor
 from mke_lightning.evaluation.evaluator import EditEvaluator, build_items
 from mke_lightning.localization.locate import LocalizationConfig, locate
 from mke_lightning.modeling.forward import encode_prompt, greedy_generate
-
-from conftest import REPO
 
 pytestmark = pytest.mark.real_model
 

@@ -71,7 +71,9 @@ def check_prompt_lengths(
                 for name, prompt, answers in _texts(record.facts(lang))]
         if not rows:
             continue
-        prompt_ids = tokenizer([join_prompt(p, "", lang)[0] for lang, _, p, _ in rows], add_special_tokens=True)["input_ids"]
+        prompt_ids = tokenizer([join_prompt(p, "", lang)[0] for lang, _, p, _ in rows], add_special_tokens=True)[
+            "input_ids"
+        ]
         answers = [join_prompt("", a, lang)[1] for lang, _, _, ans in rows for a in ans]
         answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"] if answers else []
         k = 0

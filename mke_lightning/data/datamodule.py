@@ -19,10 +19,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mke_lightning.data import formats
 from mke_lightning.data.context import check_prompt_lengths, model_context
 from mke_lightning.data.jsonl import JsonlParser, demo_path
+from mke_lightning.data.records import EditRecord, RecordError, is_language_code
 from mke_lightning.data.selection import select_records, shard
 from mke_lightning.data.source import MAX_REASONS, ON_ERROR, RecordSource
 from mke_lightning.reporting.run_settings import run_settings
-from mke_lightning.data.records import EditRecord, RecordError, is_language_code
 
 FORMAT_CHOICES = ("demo", "auto", *formats.FORMATS)  # what `format` accepts: the adapters and two more
 
@@ -306,7 +306,11 @@ class EditDataModule(L.LightningDataModule):
 
     def _skip_summary(self) -> str:
         shown = "\n  ".join(self.skip_reasons)
-        more = "" if self.skipped <= len(self.skip_reasons) else f"\n  ... and {self.skipped - len(self.skip_reasons)} more"
+        more = (
+            ""
+            if self.skipped <= len(self.skip_reasons)
+            else f"\n  ... and {self.skipped - len(self.skip_reasons)} more"
+        )
         return f"{self.skipped} bad records skipped (on_error: skip) in {self._source_name()}:\n  {shown}{more}"
 
     # -------------------------------------------------------------- lifecycle

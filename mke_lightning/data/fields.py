@@ -80,7 +80,9 @@ class Where:
 
     def language(self, code: Any, field: str) -> str:
         if not is_language_code(code):
-            raise self.error(field, f"language code {code!r} is not an ISO 639-1 code (two lower-case letters, e.g. 'en')")
+            raise self.error(
+                field, f"language code {code!r} is not an ISO 639-1 code (two lower-case letters, e.g. 'en')"
+            )
         return code
 
     def fill_subject(self, template: str, subject: str, field: str) -> str:

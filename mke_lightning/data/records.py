@@ -16,7 +16,7 @@ its multi-hop questions true together. Such records share a ``case``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 # Languages written without spaces between words: a target is appended to its
 # prompt with no separator in these, with one space everywhere else.
@@ -266,7 +266,9 @@ def is_language_code(code: Any) -> bool:
 
 def check_language_code(code: Any, ctx_field: str, ctx: _Ctx) -> str:
     if not is_language_code(code):
-        raise ctx.error(ctx_field, f"language code {code!r} is not an ISO 639-1 code (two lower-case letters, e.g. 'en', 'cs')")
+        raise ctx.error(
+            ctx_field, f"language code {code!r} is not an ISO 639-1 code (two lower-case letters, e.g. 'en', 'cs')"
+        )
     return code
 
 
@@ -318,17 +320,3 @@ def record_from_dict(obj: Any, *, source: str | None = None, index: int | None =
         check_language_code(code, f"languages.{code}", ctx)
         blocks[code] = language_facts_from_dict(block, lang=code, source=source, index=index, record_id=rid)
     return EditRecord(id=rid, languages=blocks, case=None if case is None else case.strip())
-
-
-def check_unique_ids(records: Iterable[EditRecord], source: str | None = None) -> list[EditRecord]:
-    """Return the records as a list; raises on a duplicate id."""
-    seen: dict[str, int] = {}
-    out = []
-    for i, rec in enumerate(records):
-        if rec.id in seen:
-            raise RecordError(
-                f"duplicate id (first seen at record #{seen[rec.id]})", source=source, index=i, record_id=rec.id, field="id"
-            )
-        seen[rec.id] = i
-        out.append(rec)
-    return out

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mke_lightning.data.source import RecordSource, id_hash
 from mke_lightning.data.records import RecordError
+from mke_lightning.data.source import RecordSource, id_hash
 
 
 def select_records(
@@ -40,7 +40,9 @@ def _with_ids(source: RecordSource, ids: list[str]) -> np.ndarray:
     if missing:
         shown = [rid for rid in ids if rid in missing]
         more = f" and {len(shown) - 10} more" if len(shown) > 10 else ""
-        raise RecordError(f"{len(missing)} of the requested ids are not in the data: {shown[:10]}{more}", source=source.parser.name)
+        raise RecordError(
+            f"{len(missing)} of the requested ids are not in the data: {shown[:10]}{more}", source=source.parser.name
+        )
     return np.array(found, dtype=np.int64)
 
 

@@ -22,8 +22,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from mke_lightning.data.spans import BadItem, ItemFile
 from mke_lightning.data.records import EditRecord, RecordError
+from mke_lightning.data.spans import BadItem, ItemFile
 
 ON_ERROR = ("raise", "skip")
 MAX_REASONS = 20  # skipped records described one by one; the rest are only counted

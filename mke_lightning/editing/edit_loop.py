@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mke_lightning.editing.neuron_delta import NeuronDelta
-from mke_lightning.localization.neurons import NeuronMask
-from mke_lightning.editing.objective import edit_loss, kl_from
 from mke_lightning.data.records import EditRecord
+from mke_lightning.editing.neuron_delta import NeuronDelta
+from mke_lightning.editing.objective import edit_loss, kl_from
+from mke_lightning.localization.neurons import NeuronMask
 from mke_lightning.modeling.forward import grouped_target_logits, pack_groups, row_logprobs
 
 log = logging.getLogger(__name__)

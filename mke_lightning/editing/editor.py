@@ -18,8 +18,9 @@ attaches an update that the shared loop (:func:`~mke_lightning.editing.edit_loop
 optimises on the shared objective (:mod:`mke_lightning.editing.objective`); a solved
 one computes its update itself. Either yields a
 :class:`~mke_lightning.editing.neuron_delta.NeuronDelta`, applied merged or on top.
-``protocol`` says what happens next: ``single`` undoes each edit after the callbacks have evaluated it, ``batch`` trains a batch's edits
-together (united masks) and undoes them, ``sequential`` keeps every edit.
+``protocol`` says what happens next: ``single`` undoes each edit after the
+callbacks have evaluated it, ``batch`` trains a batch's edits together (united
+masks) and undoes them, ``sequential`` keeps every edit.
 
 On several ranks, ``single`` edits each rank's records on its own copy of the
 model. ``batch`` and ``sequential`` share each step's edit across ranks
@@ -58,13 +59,13 @@ from mke_lightning.editing.delta_files import resumed_folder
 from mke_lightning.editing.describe import check_optimizer, describe_editor
 from mke_lightning.editing.edit_log import EditOutcome, step_line, step_metrics, write_edit_log
 from mke_lightning.editing.edit_loop import UpdateResult
-from mke_lightning.editing.step import apply_update, gather_step
 from mke_lightning.editing.masked_lora import LoRAConfig
 from mke_lightning.editing.methods import method_class
 from mke_lightning.editing.methods.locate_edit import SolveConfig
 from mke_lightning.editing.neuron_delta import NeuronDelta, OnTop, Restore
 from mke_lightning.editing.objective import AnchorKL, EditLossConfig, NeighbourKL, training_rows
 from mke_lightning.editing.preserve import Preservation, PreservationConfig
+from mke_lightning.editing.step import apply_update, gather_step
 from mke_lightning.editing.value_update import ValueUpdateConfig
 from mke_lightning.localization.neurons import NeuronMask
 from mke_lightning.modeling.collectives import SharedEdit
@@ -196,8 +197,10 @@ class KnowledgeEditor(L.LightningModule):
         """KL(pre-edit || now) of the next-token distribution, mean over the anchors: ``logits`` ``[A, V]``."""
         return self.anchors(logits)
 
-    def _rows(self, records: list[EditRecord]) -> tuple[list[list[int]], list[list[int]], list[tuple[int, int, int | None]]]:
-        """Prompt and target rows and training units of ``records`` (:func:`~mke_lightning.editing.objective.training_rows`)."""
+    def _rows(
+        self, records: list[EditRecord]
+    ) -> tuple[list[list[int]], list[list[int]], list[tuple[int, int, int | None]]]:
+        """Prompt and target rows and training units of ``records`` (:func:`.objective.training_rows`)."""
         return training_rows(self.tokenizer, records, self.train_languages or [self.edit_language], self.edit_language,
                              self.loss_config)
 

@@ -34,11 +34,18 @@ from pathlib import Path
 
 from torch import nn
 
-from mke_lightning.modeling.architectures import ArchSpec
-from mke_lightning.editing.neuron_delta import APPLY_MODES, apply_delta
-from mke_lightning.modeling.loading import EMBEDDED_DEFAULT, ModelConfig, load_causal_lm, resolve_model_path
+from mke_lightning.editing.neuron_delta import (
+    APPLY_MODES,
+    NeuronDelta,
+    OnTop,
+    Restore,
+    apply_delta,
+    can_write_in_place,
+    read_delta,
+)
 from mke_lightning.localization.cache import model_fingerprint
-from mke_lightning.editing.neuron_delta import NeuronDelta, OnTop, Restore, can_write_in_place, read_delta
+from mke_lightning.modeling.architectures import ArchSpec
+from mke_lightning.modeling.loading import EMBEDDED_DEFAULT, ModelConfig, load_causal_lm, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +87,16 @@ def read_deltas(paths: Iterable[str | Path]) -> list[Delta]:
     return [(f, *read_delta(f)) for f in delta_files(paths)]
 
 
-def load_edits(model: nn.Module, arch: ArchSpec, paths: Iterable[str | Path], mode: str = "auto", *,
-               tokenizer=None, fingerprint: str | None = None, allow_other_model: bool = False) -> list[Restore | OnTop]:
+def load_edits(
+    model: nn.Module,
+    arch: ArchSpec,
+    paths: Iterable[str | Path],
+    mode: str = "auto",
+    *,
+    tokenizer=None,
+    fingerprint: str | None = None,
+    allow_other_model: bool = False,
+) -> list[Restore | OnTop]:
     """Apply the deltas in ``paths`` to ``model`` in order; returns one undo handle per delta.
 
     ``mode`` as ``lora.apply``: ``merge`` (into the weights), ``on_top`` (forward
@@ -103,11 +118,15 @@ def load_edits(model: nn.Module, arch: ArchSpec, paths: Iterable[str | Path], mo
         if fingerprint is None:
             if tokenizer is None:
                 first = next(path for path, _, meta in items if meta.get("model_fingerprint"))
-                raise ValueError(f"{first}: records the model it was made on; pass tokenizer= (as load_causal_lm returns "
-                                 "it) so this model's fingerprint can be compared, fingerprint= for a model whose weights "
-                                 "are partitioned away, or allow_other_model=True to apply it without the check")
+                raise ValueError(
+                    f"{first}: records the model it was made on; pass tokenizer= (as load_causal_lm returns "
+                    "it) so this model's fingerprint can be compared, fingerprint= for a model whose weights "
+                    "are partitioned away, or allow_other_model=True to apply it without the check"
+                )
             fingerprint = model_fingerprint(model, tokenizer, arch)
-        check_model(items, {_loaded_as(model): fingerprint}, str(getattr(model.config, "_name_or_path", "") or "this model"))
+        check_model(
+            items, {_loaded_as(model): fingerprint}, str(getattr(model.config, "_name_or_path", "") or "this model")
+        )
     _warn_unchecked(items, allow_other_model)
     if mode == "merge":
         for path, delta, _ in items:
@@ -215,9 +234,11 @@ def check_model(items: list[Delta], fingerprints: dict[str, str], described: str
         made = _made_as(meta)
         have = fingerprints.get(made)
         if have is None:
-            raise ValueError(f"{path}: made on {meta.get('model')!r} loaded as {made}, and the model here is loaded as "
-                             f"{', '.join(sorted(fingerprints))}: its fingerprint can only be compared with the model "
-                             f"loaded as {made}; load it that way, or pass allow_other_model=True (--allow-other-model)")
+            raise ValueError(
+                f"{path}: made on {meta.get('model')!r} loaded as {made}, and the model here is loaded as "
+                f"{', '.join(sorted(fingerprints))}: its fingerprint can only be compared with the model "
+                f"loaded as {made}; load it that way, or pass allow_other_model=True (--allow-other-model)"
+            )
         if have != want:
             raise ValueError(f"{path}: made on another model: its run began with model {want[:16]} "
                              f"({meta.get('model')!r}, {made}), this is {have[:16]} ({described}, {made}); applying "
@@ -225,16 +246,21 @@ def check_model(items: list[Delta], fingerprints: dict[str, str], described: str
                              "model the run began with, or pass allow_other_model=True (--allow-other-model)")
 
 
-def _base_fingerprints(model_config: ModelConfig, items: list[Delta], model: nn.Module, tokenizer, arch) -> dict[str, str]:
-    """The base model's fingerprint as each delta's run loaded it: the float32 copy at hand, and others loaded for the check."""
+def _base_fingerprints(
+    model_config: ModelConfig, items: list[Delta], model: nn.Module, tokenizer, arch
+) -> dict[str, str]:
+    """The base model's fingerprint as each delta's run loaded it: the float32 copy at hand, and others loaded for
+    the check."""
     out = {"float32": model_fingerprint(model, tokenizer, arch)}
     for made in sorted({_made_as(meta) for _, _, meta in items if meta.get("model_fingerprint")} - set(out)):
         way = replace(model_config, load_in_8bit=made.startswith("int8+"), dtype=made.split("+")[-1])
         try:
             other, tok, other_arch = load_causal_lm(way)
         except (ImportError, RuntimeError, ValueError, OSError) as err:
-            raise ValueError(f"deltas made on the model loaded as {made}: loading it that way to check its fingerprint "
-                             f"failed ({err}); pass allow_other_model=True (--allow-other-model) to merge without the check") from None
+            raise ValueError(
+                f"deltas made on the model loaded as {made}: loading it that way to check its fingerprint "
+                f"failed ({err}); pass allow_other_model=True (--allow-other-model) to merge without the check"
+            ) from None
         out[made] = model_fingerprint(other, tok, other_arch)
         del other
     return out
@@ -292,8 +318,12 @@ def export_main(args: list[str] | None = None) -> Path:
                     "of the base model and save it as a Hugging Face folder.")
     parser.add_argument("--model", default=EMBEDDED_DEFAULT,
                         help=f"the base model: a local Hugging Face folder, a hub id or {EMBEDDED_DEFAULT} (default)")
-    parser.add_argument("--deltas", nargs="+", required=True,
-                        help="delta files and/or folders (a folder: its *.safetensors sorted by name), applied in order")
+    parser.add_argument(
+        "--deltas",
+        nargs="+",
+        required=True,
+        help="delta files and/or folders (a folder: its *.safetensors sorted by name), applied in order",
+    )
     parser.add_argument("--output", "-o", required=True, help="the folder to write (new, empty, or an earlier export)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="dtype of the saved weights (default: float32; the merge itself is done in float32)")

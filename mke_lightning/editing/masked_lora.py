@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-from mke_lightning.modeling.architectures import ArchSpec, neuron_dim, num_neurons
 from mke_lightning.editing.neuron_delta import APPLY_MODES, ApplyMode, NeuronDelta, OnTop, Restore, apply_delta
 from mke_lightning.localization.neurons import CATEGORIES, Category, NeuronMask, merge_layers
-
+from mke_lightning.modeling.architectures import ArchSpec, neuron_dim, num_neurons
 
 
 @dataclass
@@ -44,7 +42,7 @@ class LoRAConfig:
     rank: int | None = None
     """A fixed rank per layer instead (plain LoRA, where every neuron of a layer is trainable)."""
     layers: list[int] | None = None
-    """Plain LoRA (``model.method: lora``): the layers adapted; null: the layers holding the record's located neurons."""
+    """Plain LoRA (``model.method: lora``): the layers adapted; null: the layers holding the located neurons."""
     alpha_factor: float = 1.0
     """lora_alpha = alpha_factor x rank, so the LoRA scale alpha/r is alpha_factor."""
     merge_scale: float = 0.5
@@ -75,7 +73,15 @@ class LoRAConfig:
 class MaskedLoRA:
     """Live masked adapters on a model; finish with :meth:`to_delta` / :meth:`finish`, or :meth:`discard`."""
 
-    def __init__(self, peft_model, model: nn.Module, arch: ArchSpec, mask: NeuronMask, cfg: LoRAConfig, layers: dict[str, dict[int, list[int]]]):
+    def __init__(
+        self,
+        peft_model,
+        model: nn.Module,
+        arch: ArchSpec,
+        mask: NeuronMask,
+        cfg: LoRAConfig,
+        layers: dict[str, dict[int, list[int]]],
+    ):
         self.peft_model = peft_model
         self.model = model
         self.arch = arch
@@ -141,7 +147,10 @@ class MaskedLoRA:
             d = per_layer[layer] * self.cfg.merge_scale
             index = torch.tensor(idx, dtype=torch.long, device=d.device)
             cols = d.index_select(neuron_dim(self._lora_layer(layer).base_layer), index)
-            out[layer] = (index, cols if neuron_dim(self._lora_layer(layer).base_layer) == 0 else cols.t())  # [n, d_model]
+            out[layer] = (
+                index,
+                cols if neuron_dim(self._lora_layer(layer).base_layer) == 0 else cols.t(),
+            )  # [n, d_model]
         return out
 
     @torch.no_grad()
@@ -188,7 +197,9 @@ class MaskedLoRA:
 def whole_layers(model: nn.Module, arch: ArchSpec, layers: list[int], record_id: str = "") -> NeuronMask:
     """A mask holding every neuron of ``layers`` (plain LoRA: one adapter per layer, nothing masked)."""
     n_layers = len(model.get_submodule(arch.layers))
-    full = {l % n_layers: list(range(num_neurons(model.get_submodule(arch.mlp_out_name(l % n_layers))))) for l in layers}
+    full = {
+        l % n_layers: list(range(num_neurons(model.get_submodule(arch.mlp_out_name(l % n_layers))))) for l in layers
+    }
     return NeuronMask(record_id, {CATEGORIES[0]: full})
 
 
@@ -203,7 +214,9 @@ def attach(model: nn.Module, arch: ArchSpec, mask: NeuronMask, cfg: LoRAConfig) 
     peft_model = None
     for cat, per_layer in layers.items():
         names = [arch.mlp_out_name(l) for l in per_layer]
-        ranks = {re.escape(arch.mlp_out_name(l)): cfg.rank or cfg.rank_factor * len(idx) for l, idx in per_layer.items()}
+        ranks = {
+            re.escape(arch.mlp_out_name(l)): cfg.rank or cfg.rank_factor * len(idx) for l, idx in per_layer.items()
+        }
         alphas = {k: cfg.alpha_factor * r for k, r in ranks.items()}
         first = next(iter(ranks.values()))
         pcfg = PeftLoraConfig(

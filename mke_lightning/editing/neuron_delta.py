@@ -36,7 +36,6 @@ from torch import nn
 
 from mke_lightning.modeling.architectures import ArchSpec, neuron_dim, num_layers, weight_shape
 
-
 ApplyMode = Literal["auto", "merge", "on_top"]
 APPLY_MODES: tuple[str, ...] = get_args(ApplyMode)
 """How an edit goes into the model: merged into the weights, on top of them (a hook), or ``auto``."""
@@ -85,7 +84,9 @@ class NeuronDelta:
     layers: dict[int, tuple[torch.Tensor, torch.Tensor]]
 
     @classmethod
-    def from_weight_deltas(cls, deltas: dict[int, torch.Tensor], neurons: dict[int, list[int]], dims: dict[int, int]) -> "NeuronDelta":
+    def from_weight_deltas(
+        cls, deltas: dict[int, torch.Tensor], neurons: dict[int, list[int]], dims: dict[int, int]
+    ) -> "NeuronDelta":
         """Keep only the located neurons' slices of full weight-shaped deltas (``dims``: neuron dim per layer)."""
         out = {}
         for layer, d in deltas.items():
@@ -102,7 +103,10 @@ class NeuronDelta:
         n_layers = num_layers(model, arch)
         for layer, (idx, values) in self.layers.items():
             if not 0 <= layer < n_layers:
-                raise ValueError(f"layer {layer} is not in the model (it has {n_layers} layers); was the delta made on another model?")
+                raise ValueError(
+                    f"layer {layer} is not in the model (it has {n_layers} layers); "
+                    "was the delta made on another model?"
+                )
             module = model.get_submodule(arch.mlp_out_name(layer))
             dim = neuron_dim(module)
             shape = weight_shape(module)  # [d_model, d_ff] (Linear) or [d_ff, d_model] (Conv1D)
@@ -206,7 +210,9 @@ def _layers(tensors: dict[str, torch.Tensor], path: str | Path) -> dict[int, tup
     for key, t in tensors.items():
         layer, _, part = key.partition(".")
         if not layer.isdigit() or part not in ("index", "values"):
-            raise NotADeltaError(f"{path}: tensor {key!r} is not part of a delta (expected '<layer>.index' and '<layer>.values')")
+            raise NotADeltaError(
+                f"{path}: tensor {key!r} is not part of a delta (expected '<layer>.index' and '<layer>.values')"
+            )
         parts.setdefault(int(layer), {})[part] = t
     if not parts:
         raise NotADeltaError(f"{path}: holds no tensors")

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from mke_lightning.localization.background import unrelated_prompts
 from mke_lightning.data.records import EditRecord, join_prompt
+from mke_lightning.localization.background import unrelated_prompts
 from mke_lightning.modeling.forward import encode_continuation, encode_prompt, kept_logits, pack
 
 

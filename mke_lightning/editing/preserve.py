@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mke_lightning.modeling.architectures import neuron_dim
 from mke_lightning.editing.key_statistics import KeyStatsConfig, key_statistics
 from mke_lightning.editing.neuron_delta import NeuronDelta
+from mke_lightning.modeling.architectures import neuron_dim
 
 
 @dataclass

@@ -40,7 +40,10 @@ def save(editor, checkpoint: dict) -> None:
     checkpoint["mke_edit_log"] = every_rank_log(editor.resumed + editor.outcomes, editor.world_size)
     # sequential: the edits kept in the model, as deltas (never the model itself)
     checkpoint["mke_applied"] = [
-        {"records": ids, "layers": {layer: (idx.cpu(), v.detach().float().cpu()) for layer, (idx, v) in d.layers.items()}}
+        {
+            "records": ids,
+            "layers": {layer: (idx.cpu(), v.detach().float().cpu()) for layer, (idx, v) in d.layers.items()},
+        }
         for ids, d in editor.applied
     ]
     checkpoint["mke_base_fingerprint"] = editor._base_fingerprint

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mke_lightning.modeling.architectures import ArchSpec, neuron_dim, num_neurons, weight_shape
 from mke_lightning.editing.neuron_delta import NeuronDelta
 from mke_lightning.localization.neurons import CATEGORIES, Category, NeuronMask
+from mke_lightning.modeling.architectures import ArchSpec, neuron_dim, num_neurons, weight_shape
 
 
 @dataclass
@@ -56,10 +56,6 @@ class ValueUpdateConfig:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ValueError(f"values.{name} must be > 0 or null, got {v}")
-
-    @property
-    def needs_mask(self) -> bool:
-        return self.layers is None
 
     def neurons(self, model: nn.Module, arch: ArchSpec, mask: NeuronMask | None) -> dict[int, list[int]]:
         """Layer -> neuron indices the update may change."""
@@ -92,7 +88,11 @@ class ValueUpdate:
             d_model = weight_shape(module)[1 - neuron_dim(module)]
             device = w.device if w.device.type != "meta" else torch.device("cpu")
             self.index[layer] = torch.tensor(idx, dtype=torch.long, device=device)  # [n]
-            start = torch.randn(len(idx), d_model, device=device) * cfg.init_std if cfg.init_std else torch.zeros(len(idx), d_model, device=device)
+            start = (
+                torch.randn(len(idx), d_model, device=device) * cfg.init_std
+                if cfg.init_std
+                else torch.zeros(len(idx), d_model, device=device)
+            )
             self.values[layer] = nn.Parameter(start)  # [n, d_model], fp32 whatever the weight dtype
             self._handles.append(module.register_forward_hook(self._hook(layer)))
 
@@ -141,7 +141,9 @@ class ValueUpdate:
         self._remove_hooks()
 
 
-def attach_values(model: nn.Module, arch: ArchSpec, mask: NeuronMask | None, cfg: ValueUpdateConfig) -> ValueUpdate | None:
+def attach_values(
+    model: nn.Module, arch: ArchSpec, mask: NeuronMask | None, cfg: ValueUpdateConfig
+) -> ValueUpdate | None:
     """Hook trainable updates onto the neurons ``cfg`` selects; ``None`` when there is none."""
     neurons = {l: idx for l, idx in cfg.neurons(model, arch, mask).items() if idx}
     if not neurons:

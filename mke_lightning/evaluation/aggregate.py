@@ -77,7 +77,11 @@ class EvalAggregate(Metric):
         counts = torch.zeros(self.counts.shape, dtype=torch.float64)
         for row in rows:
             m = self.measures.index(row["measure"])
-            slots = [self._slot(row["eval_lang"], "language"), self.slots.index(row["group"]), self._slot("all_languages", "")]
+            slots = [
+                self._slot(row["eval_lang"], "language"),
+                self.slots.index(row["group"]),
+                self._slot("all_languages", ""),
+            ]
             if row["eval_lang"] != self.edit_language:
                 slots.append(self.slots.index("non_edit_languages"))
             for p, proto in enumerate(self.protocols):
@@ -126,7 +130,9 @@ class EvalAggregate(Metric):
                     full[:, where] = states[name]
                     states[name] = full
         if set(states) != set(own) or any(states[k].shape != own[k].shape for k in own):
-            raise ValueError(f"saved evaluation states {sorted(states)} do not fit this run's ({len(self.languages)} languages)")
+            raise ValueError(
+                f"saved evaluation states {sorted(states)} do not fit this run's ({len(self.languages)} languages)"
+            )
         for name, value in own.items():
             value += states[name].to(device=value.device, dtype=value.dtype)
         self._update_count += 1  # counts as an update: torchmetrics warns on compute() before any
@@ -137,22 +143,36 @@ class EvalAggregate(Metric):
         "counts": {lang: {measure: n}}, "perplexity_ratio": {lang: mean}, "edits": n}``."""
         means = self.sums / self.counts.clamp(min=1)  # [S, M, P]
         out: dict = {"language": {}, "group": {}, "average": {}, "counts": {}}
-        kinds = {**{s: "language" for s in self.languages}, **{g: "group" for g in GROUPS}, **{a: "average" for a in AVERAGES}}
+        kinds = {
+            **{s: "language" for s in self.languages},
+            **{g: "group" for g in GROUPS},
+            **{a: "average" for a in AVERAGES},
+        }
         for s, slot in enumerate(self.slots):
             block = {}
             for m, measure in enumerate(self.measures):
-                cell = {proto: round(float(means[s, m, p]), DIGITS) for p, proto in enumerate(self.protocols) if self.counts[s, m, p] > 0}
+                cell = {
+                    proto: round(float(means[s, m, p]), DIGITS)
+                    for p, proto in enumerate(self.protocols)
+                    if self.counts[s, m, p] > 0
+                }
                 if cell:
                     block[measure] = cell
             if block:
                 out[kinds[slot]][slot] = block
             if kinds[slot] == "language":
-                n = {measure: int(self.counts[s, m].max()) for m, measure in enumerate(self.measures) if self.counts[s, m].max() > 0}
+                n = {
+                    measure: int(self.counts[s, m].max())
+                    for m, measure in enumerate(self.measures)
+                    if self.counts[s, m].max() > 0
+                }
                 if n:
                     out["counts"][slot] = n
         ratio = self.ppl_ratio_sums / self.ppl_ratio_counts.clamp(min=1)
         out["perplexity_ratio"] = {
-            lang: round(float(ratio[i]), DIGITS) for i, lang in enumerate(self.languages) if self.ppl_ratio_counts[i] > 0
+            lang: round(float(ratio[i]), DIGITS)
+            for i, lang in enumerate(self.languages)
+            if self.ppl_ratio_counts[i] > 0
         }
         out["edits"] = int(self.edits)
         return out

@@ -34,10 +34,10 @@ from typing import Mapping, Sequence
 
 import torch
 
-from mke_lightning.evaluation.metrics import exact_match, f1_scores, normalize, prefers_new, starts_with_answer
 from mke_lightning.data.records import EditRecord, join_prompt
-from mke_lightning.modeling.prefix_scoring import TargetScore, prefill, score_and_continue, score_targets
+from mke_lightning.evaluation.metrics import exact_match, f1_scores, normalize, prefers_new, starts_with_answer
 from mke_lightning.modeling.forward import encode_continuation, encode_prompt
+from mke_lightning.modeling.prefix_scoring import TargetScore, prefill, score_and_continue, score_targets
 
 MEASURES = ("reliability", "generality", "locality", "locality_gold", "neighborhood", "portability", "multi_hop")
 # measures scored against the pre-edit model's own continuation (a reference taken before the edit)
@@ -46,7 +46,18 @@ _APART = ("neighborhood",)  # measures scored in passes of their own
 GROUPS = ("edit", "identical", "translated")
 _EXTRA_GEN_TOKENS = 2  # room to see where the answer's word ends, or a word the model spells in more tokens
 
-__all__ = ["MEASURES", "REFERENCE_MEASURES", "GROUPS", "Item", "ScorePlan", "build_items", "EditEvaluator", "target_group", "normalize", "starts_with_answer"]
+__all__ = [
+    "MEASURES",
+    "REFERENCE_MEASURES",
+    "GROUPS",
+    "Item",
+    "ScorePlan",
+    "build_items",
+    "EditEvaluator",
+    "target_group",
+    "normalize",
+    "starts_with_answer",
+]
 
 
 @dataclass(frozen=True)
@@ -178,8 +189,15 @@ class EditEvaluator:
             raise ValueError(f"locality items {missing} have no pre-edit reference: call references() before the edit")
         enc = [self._target(it, it.answers[0]) for it in items]
         prompts = [tuple(p) for p, _ in enc]
-        targets = [tuple(refs[i]) if it.measure in REFERENCE_MEASURES else tuple(t) for i, (it, (_, t)) in enumerate(zip(items, enc))]
-        olds = {i: tuple(self._target(it, it.old)[1]) for i, it in enumerate(items) if it.old and it.measure not in REFERENCE_MEASURES}
+        targets = [
+            tuple(refs[i]) if it.measure in REFERENCE_MEASURES else tuple(t)
+            for i, (it, (_, t)) in enumerate(zip(items, enc))
+        ]
+        olds = {
+            i: tuple(self._target(it, it.old)[1])
+            for i, it in enumerate(items)
+            if it.old and it.measure not in REFERENCE_MEASURES
+        }
         widths = [self._width(it, list(t)) for it, t in zip(items, targets)]
         prompt_widths: dict[tuple, int] = {}
         for p, w in zip(prompts, widths):  # locality and locality_gold share prompts
@@ -214,7 +232,10 @@ class EditEvaluator:
         """The per-item rows from the teacher-forced ``scores`` of ``plan.rows`` and the
         continuations ``gens`` of each prompt (``plan.prompt_widths`` tokens at most)."""
         prompts, targets, olds, widths = plan.prompts, plan.targets, plan.olds, plan.widths
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
+
+        def decode(ids):
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
         end_ids = self._end_ids(model)
         rows = []
         for i, it in enumerate(items):
@@ -251,7 +272,9 @@ class EditEvaluator:
         ordered = sorted(prompts, key=len)
         return [ordered[s:s + self.batch_rows] for s in range(0, len(ordered), self.batch_rows)]
 
-    def _run(self, model, rows: list[tuple[tuple, tuple]], widths: dict[tuple, int], keep_end: bool = False) -> tuple[dict, dict]:
+    def _run(
+        self, model, rows: list[tuple[tuple, tuple]], widths: dict[tuple, int], keep_end: bool = False
+    ) -> tuple[dict, dict]:
         """Teacher-forced scores of the ``(prompt, target)`` rows (identical rows once) and the
         greedy continuation of each prompt in ``widths`` (an end token kept with ``keep_end``),
         one prefill per prompt."""

@@ -36,15 +36,14 @@ neighbourhood item: the record reports nothing there, not zero.
 
 from __future__ import annotations
 
-import time
-
 import hashlib
 import random
+import time
 from dataclasses import dataclass
 from typing import Iterable
 
-from mke_lightning.evaluation.metrics import normalize
 from mke_lightning.data.records import EditRecord
+from mke_lightning.evaluation.metrics import normalize
 
 SOURCES = ("template", "subject", "edit_template")
 _HOLE = "\x00"  # stands for the subject in a template; never part of a benchmark's text

@@ -47,7 +47,10 @@ class PerplexityConfig:
 
     def __post_init__(self) -> None:
         if self.texts_per_language < 1 or self.max_tokens < 2 or self.every_n_edits < 1 or self.memory_budget_mb < 1:
-            raise ValueError("perplexity: texts_per_language >= 1, max_tokens >= 2, every_n_edits >= 1 and memory_budget_mb >= 1 are required")
+            raise ValueError(
+                "perplexity: texts_per_language >= 1, max_tokens >= 2, every_n_edits >= 1 and memory_budget_mb >= 1 "
+                "are required"
+            )
 
 
 def load_sample(path: str | Path | None = None) -> dict[str, list[str]]:
@@ -61,7 +64,9 @@ def load_sample(path: str | Path | None = None) -> dict[str, list[str]]:
             raise FileNotFoundError(f"perplexity sample {p} does not exist")
         text, where = p.read_text(encoding="utf-8"), str(p)
     data = json.loads(text)
-    if not isinstance(data, dict) or not all(isinstance(v, list) and v and all(isinstance(t, str) and t.strip() for t in v) for v in data.values()):
+    if not isinstance(data, dict) or not all(
+        isinstance(v, list) and v and all(isinstance(t, str) and t.strip() for t in v) for v in data.values()
+    ):
         raise ValueError(f"{where}: expected a JSON object {{language: [non-empty passage, ...]}}")
     return data
 
@@ -104,7 +109,9 @@ class PerplexityProbe:
         for s in range(0, len(self.rows), per_pass):
             ids, mask, pos = left_pad(self.rows[s:s + per_pass], self.pad_id)  # [B, T] each
             ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, :-1]  # [B, T-1, V]
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[
+                :, :-1
+            ]  # [B, T-1, V]
             # NLL = logsumexp - logit of the next token; no [B, T-1, V] log-softmax copy
             picked = logits.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).float()  # [B, T-1]
             token_nll = torch.logsumexp(logits.float(), -1) - picked  # [B, T-1]

@@ -25,7 +25,7 @@ RUNNING = ("token_acc", "gen_em")  # the protocols of the progress bar's running
 
 
 def check_choices(measures: tuple[str, ...], protocols: dict[str, tuple[str, ...]], retention_every_n_edits) -> None:
-    """Refuse an unknown measure or metric protocol (``protocols``: setting name -> chosen), or a bad retention period."""
+    """Refuse an unknown measure or metric protocol (``protocols``: setting -> chosen), or a bad retention period."""
     unknown = set(measures) - set(MEASURES)
     if unknown:
         raise ValueError(f"EditEvaluation: unknown measures {sorted(unknown)}; choose from {list(MEASURES)}")

@@ -185,7 +185,7 @@ def _capture(model, modules, ids, mask, pos, batch_rows: int) -> torch.Tensor:
     for s in range(0, ids.shape[0], batch_rows):
         got: dict[int, torch.Tensor] = {}
 
-        def keep(layer, x):
+        def keep(layer, x, got=got):
             got[layer] = x.detach().float()
             return None
 
@@ -195,7 +195,9 @@ def _capture(model, modules, ids, mask, pos, batch_rows: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _eos_baseline(model, modules, rows: list[list[int]], eos_id: int, pad_id: int, skip_first: bool, batch_rows: int, device):
+def _eos_baseline(
+    model, modules, rows: list[list[int]], eos_id: int, pad_id: int, skip_first: bool, batch_rows: int, device
+):
     """Mean activation over copies of each row with one token replaced by EOS: ``[N, L, d_ff]``."""
     variants, owner = [], []
     for r, row in enumerate(rows):
@@ -448,7 +450,9 @@ def _path_grads(model, modules, ids: torch.Tensor, target: int, point: dict[int,
         prob = torch.softmax(logits.float(), dim=-1)[target]
         grads = dict(zip(leaves, torch.autograd.grad(prob, list(leaves.values()))))
     width = next(iter(point.values())).shape[-1]
-    return torch.stack([grads[l].float() if l in grads else torch.zeros(width, device=ids.device) for l in range(len(modules))])
+    return torch.stack(
+        [grads[l].float() if l in grads else torch.zeros(width, device=ids.device) for l in range(len(modules))]
+    )
 
 
 class _FullRunner:
@@ -490,7 +494,7 @@ class _CachedRunner(_FullRunner):
         for s in range(0, self.ids.shape[0], batch_rows):
             got: dict[int, torch.Tensor] = {}
 
-            def keep(layer, x):
+            def keep(layer, x, got=got):
                 got[layer] = x.detach().float()
                 return None
 
@@ -507,7 +511,7 @@ def _grad_x_act(model, modules, ids, mask, pos, tgt, batch_rows: int) -> torch.T
         sl = slice(s, s + batch_rows)
         leaves: dict[int, torch.Tensor] = {}
 
-        def as_leaf(layer, x_last):
+        def as_leaf(layer, x_last, leaves=leaves):
             leaves[layer] = x_last.detach().float().requires_grad_(True)
             return leaves[layer]
 

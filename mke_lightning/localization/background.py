@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from mke_lightning.modeling.architectures import ArchSpec, mlp_out_modules
 from mke_lightning.localization.neurons import NeuronMask
+from mke_lightning.modeling.architectures import ArchSpec, mlp_out_modules
 from mke_lightning.modeling.forward import encode_prompt
 
 
@@ -43,7 +43,9 @@ class BackgroundConfig:
 
     def __post_init__(self) -> None:
         if not self.max_ratio > 1.0:
-            raise ValueError(f"localization.background.max_ratio must be > 1 (a multiple of the median), got {self.max_ratio}")
+            raise ValueError(
+                f"localization.background.max_ratio must be > 1 (a multiple of the median), got {self.max_ratio}"
+            )
 
 
 def unrelated_prompts(path: str | None) -> dict[str, list[str]]:
@@ -103,7 +105,9 @@ def usual_activity(model, tokenizer, arch: ArchSpec, cfg: BackgroundConfig | Non
 
     The divisor of ``localization.relative_to_background``: the floor keeps a
     neuron that is nearly silent on unrelated text from scoring without bound."""
-    activity = torch.stack(neuron_activity(model, tokenizer, arch, background_prompts(cfg or BackgroundConfig())))  # [L, F]
+    activity = torch.stack(
+        neuron_activity(model, tokenizer, arch, background_prompts(cfg or BackgroundConfig()))
+    )  # [L, F]
     return activity.clamp(min=activity.median(dim=1, keepdim=True).values)
 
 
@@ -133,7 +137,9 @@ def without(mask: NeuronMask, busy: dict[int, set[int]]) -> NeuronMask:
     return kept
 
 
-def drop_busy(model, tokenizer, arch: ArchSpec, masks: dict[str, NeuronMask], cfg: BackgroundConfig) -> tuple[dict[str, NeuronMask], dict[int, set[int]]]:
+def drop_busy(
+    model, tokenizer, arch: ArchSpec, masks: dict[str, NeuronMask], cfg: BackgroundConfig
+) -> tuple[dict[str, NeuronMask], dict[int, set[int]]]:
     """Every mask less the neurons busy on ``cfg``'s prompts; also returns the busy set."""
     busy = busy_neurons(neuron_activity(model, tokenizer, arch, background_prompts(cfg)), cfg.max_ratio)
     return {rid: without(m, busy) for rid, m in masks.items()}, busy

@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
-from mke_lightning.modeling.architectures import ArchSpec
-from mke_lightning.localization.locate import LocalizationConfig
-from mke_lightning.modeling.loading import cache_root
-from mke_lightning.localization.neurons import NeuronMask
 from mke_lightning.data.records import EditRecord
+from mke_lightning.localization.locate import LocalizationConfig
+from mke_lightning.localization.neurons import NeuronMask
+from mke_lightning.modeling.architectures import ArchSpec
+from mke_lightning.modeling.loading import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,11 @@ def model_fingerprint(model, tokenizer, arch: ArchSpec) -> str:
     h.update(_digest({"config": config, "arch": asdict(arch)}).encode())
     special = {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")}
     probe = tokenizer(_PROBE_TEXT, add_special_tokens=True)["input_ids"]
-    h.update(_digest({"tokenizer": type(tokenizer).__name__, "size": len(tokenizer), "special": special, "probe": probe}).encode())
+    h.update(
+        _digest(
+            {"tokenizer": type(tokenizer).__name__, "size": len(tokenizer), "special": special, "probe": probe}
+        ).encode()
+    )
     for name, t in sorted(model.state_dict().items()):
         if not torch.is_tensor(t) or t.numel() == 0:
             h.update(f"{name}:empty".encode())
@@ -78,7 +82,9 @@ def model_fingerprint(model, tokenizer, arch: ArchSpec) -> str:
         h.update(_checksum(flat).to_bytes(8, "little", signed=True))
         stride = max(1, flat.numel() // _SAMPLE)
         sample = flat[::stride][:_SAMPLE]
-        sample = sample.float() if torch.is_floating_point(sample) else sample.to(torch.float64)  # int8 weights, quantisation statistics
+        sample = (
+            sample.float() if torch.is_floating_point(sample) else sample.to(torch.float64)
+        )  # int8 weights, quantisation statistics
         h.update(sample.cpu().numpy().tobytes())
     return h.hexdigest()
 
@@ -108,7 +114,9 @@ def settings_key(cfg: LocalizationConfig, edit_language: str) -> dict[str, Any]:
         key["relative_prompts"] = {k: background[k] for k in ("prompts", "languages")}
     for name in SPEED_ONLY:
         key["attribution"].pop(name, None)
-    if key["attribution"].get("quadrature") == "right_riemann":  # the rule before it was a setting: those masks stay valid
+    if (
+        key["attribution"].get("quadrature") == "right_riemann"
+    ):  # the rule before it was a setting: those masks stay valid
         key["attribution"].pop("quadrature")
     for name, default in ADDED_LATER.items():
         if key.get(name) == default:  # at its default it changes nothing: masks cached before it existed stay valid
@@ -157,7 +165,9 @@ class MaskCache:
             return None
         want = self.metadata(record)
         meta = mask.metadata
-        if mask.record_id != record.id or any(meta.get(k) != want[k] for k in ("model_fingerprint", "settings_digest", "record_digest")):
+        if mask.record_id != record.id or any(
+            meta.get(k) != want[k] for k in ("model_fingerprint", "settings_digest", "record_digest")
+        ):
             return None
         return mask
 
@@ -166,5 +176,7 @@ class MaskCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         about = self.folder / "settings.json"
         if not about.exists():
-            about.write_text(json.dumps({"model_fingerprint": self.fingerprint, "settings": self.settings}, indent=2, sort_keys=True))
+            about.write_text(
+                json.dumps({"model_fingerprint": self.fingerprint, "settings": self.settings}, indent=2, sort_keys=True)
+            )
         return mask.save(self.path(record))

@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mke_lightning.modeling.architectures import ArchSpec
+from mke_lightning.data.records import EditRecord, RecordError, join_prompt
 from mke_lightning.localization.attribution import AttributionConfig, attribute_rows
 from mke_lightning.localization.background import BackgroundConfig, usual_activity
 from mke_lightning.localization.neurons import NeuronMask
-from mke_lightning.data.records import EditRecord, RecordError, join_prompt
+from mke_lightning.modeling.architectures import ArchSpec
 from mke_lightning.modeling.forward import encode_continuation, encode_prompt, greedy_generate
 
 
@@ -103,7 +103,7 @@ def old_answers(model, tokenizer, entries: list[tuple[list[int], str, str, str |
     or where there is none the model's own greedy answer (one batched call)."""
     answers: list[list[int] | None] = []
     missing: list[tuple[int, int]] = []  # (entry index, tokens wanted)
-    for i, (p_ids, lang, new, old) in enumerate(entries):
+    for i, (_, lang, new, old) in enumerate(entries):
         if old:
             answers.append(encode_continuation(tokenizer, join_prompt("x", old, lang)[1]))
         else:
@@ -117,7 +117,9 @@ def old_answers(model, tokenizer, entries: list[tuple[list[int], str, str, str |
     return answers
 
 
-def answer_rows(model, tokenizer, prompts: list[tuple[list[int], list[int]]]) -> tuple[list[list[int]], list[int], list[int]]:
+def answer_rows(
+    model, tokenizer, prompts: list[tuple[list[int], list[int]]]
+) -> tuple[list[list[int]], list[int], list[int]]:
     """One row per (prompt, answer token): ``(rows, target ids, prompt index)``.
 
     For answer token j the row is the prompt followed by the model's own first
@@ -139,7 +141,9 @@ def sum_per_prompt(scores: torch.Tensor, owner: list[int], n_prompts: int) -> to
     return torch.zeros((n_prompts, *scores.shape[1:]), device=scores.device).index_add_(0, owner_t, scores)
 
 
-def prompt_scores(model, tokenizer, arch: ArchSpec, prompts: list[tuple[list[int], list[int] | None]], cfg: AttributionConfig) -> torch.Tensor:
+def prompt_scores(
+    model, tokenizer, arch: ArchSpec, prompts: list[tuple[list[int], list[int] | None]], cfg: AttributionConfig
+) -> torch.Tensor:
     """Scores ``[P, L, d_ff]`` for (prompt ids, answer ids) pairs, summed over answer tokens.
 
     With ``method: activation`` the answers are not used (pass ``None``)."""
@@ -188,7 +192,9 @@ def _check_languages(record: EditRecord, cfg: LocalizationConfig, edit_language:
     return list(dict.fromkeys([*cfg.cross_languages, edit_language]))
 
 
-def localisation_prompts(tokenizer, record: EditRecord, languages: list[str], cfg: LocalizationConfig) -> tuple[list[tuple[list[int], str, str, str | None]], list[str]]:
+def localisation_prompts(
+    tokenizer, record: EditRecord, languages: list[str], cfg: LocalizationConfig
+) -> tuple[list[tuple[list[int], str, str, str | None]], list[str]]:
     """``(entries, language of each)``; an entry is (prompt ids, language, target_new, target_true)."""
     entries, lang_of = [], []
     for lang in languages:
@@ -198,7 +204,9 @@ def localisation_prompts(tokenizer, record: EditRecord, languages: list[str], cf
             paraphrases = paraphrases[: cfg.max_paraphrases]
         templated = [t.replace("{prompt}", facts.prompt) for t in cfg.templates]
         for text in [facts.prompt, *paraphrases, *templated]:
-            entries.append((encode_prompt(tokenizer, join_prompt(text, "x", lang)[0]), lang, facts.target_new, facts.target_true))
+            entries.append(
+                (encode_prompt(tokenizer, join_prompt(text, "x", lang)[0]), lang, facts.target_new, facts.target_true)
+            )
             lang_of.append(lang)
     return entries, lang_of
 
@@ -207,7 +215,7 @@ def locate(model, tokenizer, arch: ArchSpec, record: EditRecord, edit_language: 
            usual: torch.Tensor | None = None) -> NeuronMask:
     """The neuron mask of one record: categories, plus each language's own set.
 
-    ``usual`` ``[L, d_ff]``: each neuron's usual activity (:func:`~mke_lightning.localization.background.usual_activity`),
+    ``usual`` ``[L, d_ff]``: each neuron's usual activity (:func:`.background.usual_activity`),
     needed with ``relative_to_background`` (computed here when not given)."""
     langs = _check_languages(record, cfg, edit_language)
     entries, lang_of = localisation_prompts(tokenizer, record, langs, cfg)
@@ -233,7 +241,10 @@ def locate(model, tokenizer, arch: ArchSpec, record: EditRecord, edit_language: 
     total = scores.sum(0)  # [L, F] ranks neurons for the optional cap
     return NeuronMask(
         record_id=record.id,
-        layers={"independent": _to_layers(independent, total, cfg.max_per_layer), "specific": _to_layers(specific, total, cfg.max_per_layer)},
+        layers={
+            "independent": _to_layers(independent, total, cfg.max_per_layer),
+            "specific": _to_layers(specific, total, cfg.max_per_layer),
+        },
         languages={lang: _to_layers(sel, total, None) for lang, sel in per_lang.items()},
     )
 

@@ -28,7 +28,11 @@ LayerMap = dict[int, list[int]]
 
 
 def _clean(per_layer: dict) -> LayerMap:
-    return {int(l): sorted(int(i) for i in idx) for l, idx in sorted(per_layer.items(), key=lambda kv: int(kv[0])) if len(idx)}
+    return {
+        int(l): sorted(int(i) for i in idx)
+        for l, idx in sorted(per_layer.items(), key=lambda kv: int(kv[0]))
+        if len(idx)
+    }
 
 
 def merge_layers(maps: Iterable[LayerMap]) -> LayerMap:
@@ -97,7 +101,8 @@ class NeuronMask:
                if self.source else "locate the record's neurons again on this model")
         raise MaskError(
             f"{where} (record {self.record_id!r}) names layer {layer}, neuron {neuron} in group {group!r}, but "
-            f"{model} has {n_layers} layers of {width} MLP neurons (layers 0-{n_layers - 1}, neurons 0-{width - 1}); {fix}"
+            f"{model} has {n_layers} layers of {width} MLP neurons "
+            f"(layers 0-{n_layers - 1}, neurons 0-{width - 1}); {fix}"
         )
 
     def same_neurons(self, other: "NeuronMask") -> bool:
@@ -157,7 +162,9 @@ class NeuronMask:
             raise ValueError(f"{path}: a safetensors file without neuron-mask metadata (no 'mke' header key)")
         meta = json.loads(header)
         if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: mask format version {meta.get('format_version')!r}, this version reads {FORMAT_VERSION}")
+            raise ValueError(
+                f"{path}: mask format version {meta.get('format_version')!r}, this version reads {FORMAT_VERSION}"
+            )
         record_id = meta.pop("record_id")
         meta.pop("format_version")
         for name, pairs in tensors.items():

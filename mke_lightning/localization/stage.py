@@ -12,13 +12,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from mke_lightning.modeling.architectures import ArchSpec
-from mke_lightning.localization.background import drop_busy, usual_activity
-from mke_lightning.modeling.collectives import gather_object, rank_and_world
-from mke_lightning.localization.locate import LocalizationConfig, locate
-from mke_lightning.localization.cache import MaskCache
-from mke_lightning.localization.neurons import NeuronMask
 from mke_lightning.data.records import EditRecord
+from mke_lightning.localization.background import drop_busy, usual_activity
+from mke_lightning.localization.cache import MaskCache
+from mke_lightning.localization.locate import LocalizationConfig, locate
+from mke_lightning.localization.neurons import NeuronMask
+from mke_lightning.modeling.architectures import ArchSpec
+from mke_lightning.modeling.collectives import gather_object, rank_and_world
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,8 @@ def localize_records(
         dropped = sum(m.metadata["background_dropped"] for m in result.masks.values())
         report(
             f"  busy neurons (mean |activation| > {cfg.background.max_ratio:g} x layer median on unrelated prompts): "
-            f"{sum(len(v) for v in busy.values())} in {len(busy)} layers; {dropped} dropped from {len(result.masks)} masks"
+            f"{sum(len(v) for v in busy.values())} in {len(busy)} layers; "
+            f"{dropped} dropped from {len(result.masks)} masks"
         )
     if world > 1:
         report(

@@ -65,6 +65,8 @@ class SharedEdit:
         if self.size == 1:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = self.strategy.reduce(torch.cat([g.reshape(-1).float() for g in grads]), reduce_op="sum")  # [sum of numel]
+        flat = self.strategy.reduce(
+            torch.cat([g.reshape(-1).float() for g in grads]), reduce_op="sum"
+        )  # [sum of numel]
         for p, g, part in zip(params, grads, flat.split([g.numel() for g in grads])):
             p.grad = part.view_as(g).to(g.dtype)

@@ -28,7 +28,12 @@ class PackedBatch:
         return self.targets.shape[1]
 
     def to(self, device: torch.device | str) -> "PackedBatch":
-        return PackedBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids, self.targets, self.target_mask)))
+        return PackedBatch(
+            *(
+                t.to(device)
+                for t in (self.input_ids, self.attention_mask, self.position_ids, self.targets, self.target_mask)
+            )
+        )
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
@@ -174,7 +179,8 @@ def length_groups(lengths: Sequence[int], max_groups: int, pass_cost: int = PASS
 
 @dataclass
 class GroupedBatch:
-    """Rows packed in length groups, one forward pass each: ``rows[g]`` are the original indices of ``batches[g]``'s rows."""
+    """Rows packed in length groups, one forward pass each: ``rows[g]`` are the original indices of
+    ``batches[g]``'s rows."""
 
     rows: list[list[int]]
     batches: list[PackedBatch]
@@ -183,8 +189,11 @@ class GroupedBatch:
         return GroupedBatch(self.rows, [b.to(device) for b in self.batches])
 
 
-def pack_groups(prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], pad_id: int, max_groups: int) -> GroupedBatch:
-    """:func:`pack` per length group (:func:`length_groups`): rows of 25 and of 8 tokens no longer pad to 25 together."""
+def pack_groups(
+    prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], pad_id: int, max_groups: int
+) -> GroupedBatch:
+    """:func:`pack` per length group (:func:`length_groups`): rows of 25 and of 8 tokens no longer pad to 25
+    together."""
     rows = length_groups([len(p) + len(t) - 1 for p, t in zip(prompts, targets)], max_groups)
     return GroupedBatch(rows, [pack([prompts[i] for i in r], [targets[i] for i in r], pad_id) for r in rows])
 
@@ -208,7 +217,8 @@ def row_logprobs(row_logits: Sequence[torch.Tensor], targets: Sequence[Sequence[
 
 
 def picked_logprobs(logits: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-    """Log-probability of each target token from :func:`target_logits`' ``[M, V]``, 0 where there is none: ``[B, K]``."""
+    """Log-probability of each target token from :func:`target_logits`' ``[M, V]``, 0 where there is none:
+    ``[B, K]``."""
     sel = batch.target_mask
     lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, batch.targets[sel].unsqueeze(-1)).squeeze(-1)  # [M]
     return lp.new_zeros(sel.shape).masked_scatter(sel, lp)
@@ -247,7 +257,12 @@ def teacher_forced(logits: torch.Tensor, batch: PackedBatch) -> TeacherForced:
 
 @torch.no_grad()
 def greedy_generate(
-    model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_at_eos: bool = True, keep_end: bool = False
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    stop_at_eos: bool = True,
+    keep_end: bool = False,
 ) -> list[list[int]]:
     """Greedy continuations of all prompts in one batched ``generate`` call.
 

@@ -43,7 +43,8 @@ class ModelConfig:
     architecture: dict[str, str] = field(default_factory=dict)
     """Override or add module-name templates: ``{layers: ..., mlp_out: ...}`` (see architectures.py)."""
     cache_dir: str | None = None
-    """Where the embedded default's converted copy is kept (default: ``$MKE_CACHE_DIR`` or ``~/.cache/mke-lightning``)."""
+    """Where the embedded default's converted copy is kept (default: ``$MKE_CACHE_DIR`` or
+    ``~/.cache/mke-lightning``)."""
     load_in_8bit: bool = False
     """Quantise the linear layers to int8 with bitsandbytes (CPU or CUDA); other modules keep ``dtype``.
     Edits are then applied on top of the int8 weights, never written into them."""

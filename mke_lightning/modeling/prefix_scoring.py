@@ -145,7 +145,9 @@ def score_and_continue(
             use_cache=True,
         )
         cache = out.past_key_values
-        logits = torch.cat([pre.last_logits[:, None], out.logits], dim=1)  # [U, K + 1, V]: predicts t[0..K-1], then what follows
+        logits = torch.cat(
+            [pre.last_logits[:, None], out.logits], dim=1
+        )  # [U, K + 1, V]: predicts t[0..K-1], then what follows
         argmax = logits.argmax(-1).tolist()  # [U][K + 1]
         nonempty = [u for u, t in enumerate(targets) if t]
         got = _target_scores(logits[nonempty], [targets[u] for u in nonempty], [argmax[u] for u in nonempty])
@@ -200,7 +202,9 @@ def greedy_continue(
     return score_and_continue(model, pre, [[] for _ in range(count)], widths, end_ids, pad_id, keep_end)[1]
 
 
-def _target_scores(logits: torch.Tensor, targets: Sequence[Sequence[int]], argmax: list[list[int]]) -> list[TargetScore]:
+def _target_scores(
+    logits: torch.Tensor, targets: Sequence[Sequence[int]], argmax: list[list[int]]
+) -> list[TargetScore]:
     """Scores of each row's target from logits ``[R, >=K, V]`` whose position ``k`` predicts ``target[k]``."""
     norm = torch.logsumexp(logits.float(), dim=-1)  # [R, K']
     scores = []

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from mke_lightning.evaluation.evaluator import MEASURES
 from mke_lightning.evaluation.metrics import PROTOCOLS
-from mke_lightning.reporting.tables import read_results
 from mke_lightning.reporting.plots import plot_heatmap, plot_methods
+from mke_lightning.reporting.tables import read_results
 
 
 def run_label(doc: dict) -> str:
@@ -67,8 +67,15 @@ def _data_text(data: dict | None) -> str:
     if not isinstance(data, dict):  # a user's DataModule may describe itself otherwise
         return str(data)
     sel = data.get("selection") or {}
-    picked = [f"{k} {v}" for k, v in (("offset", sel.get("offset") or None), ("limit", sel.get("limit")),  # offset 0: left out
-                                      ("seed", sel.get("seed"))) if v is not None]
+    picked = [
+        f"{k} {v}"
+        for k, v in (
+            ("offset", sel.get("offset") or None),
+            ("limit", sel.get("limit")),  # offset 0: left out
+            ("seed", sel.get("seed")),
+        )
+        if v is not None
+    ]
     if sel.get("ids"):
         picked.append(f"{len(sel['ids'])} ids")
     text = f"{data.get('format', '?')} {Path(str(data.get('path', '?'))).name}"
@@ -101,7 +108,9 @@ def runs_table(runs: list[tuple[str, dict]]) -> str:
     head = ["run", "method", "protocol", "model", "data", "edit lang", "eval langs", "train langs", "metric protocols"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, doc in runs:
-        langs = lambda key: ", ".join(doc[key]) if doc.get(key) else "-"
+        def langs(key, doc=doc):
+            return ", ".join(doc[key]) if doc.get(key) else "-"
+
         cells = [label, str(doc.get("method", "-")), str(doc.get("protocol", "-")), str(doc.get("model", "-")),
                  _data_text(doc.get("data")), str(doc.get("edit_language", "-")), langs("eval_languages"),
                  langs("train_languages"), ", ".join(doc.get("metric_protocols") or []) or "-"]
@@ -130,7 +139,9 @@ def _ratio_text(x: float) -> str:
 
 def comparison_table(runs: list[tuple[str, dict]], protocols: tuple[str, ...]) -> str:
     """Markdown: one row per run and view (edit language, non-edit mean); one column per measure/protocol."""
-    measures = [m for m in MEASURES if any(m in d["results"].get("average", {}).get("all_languages", {}) for _, d in runs)]
+    measures = [
+        m for m in MEASURES if any(m in d["results"].get("average", {}).get("all_languages", {}) for _, d in runs)
+    ]
     head = ["run", "edit lang", "view"] + [f"{m} ({p})" for m in measures for p in protocols] + ["ppl ratio (mean)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, doc in runs:
@@ -157,15 +168,21 @@ def language_tables(runs: list[tuple[str, dict]], protocols: tuple[str, ...]) ->
         views.append((label, doc["results"]))
         checkpoints = (doc.get("retention") or {}).get("checkpoints") or []
         if checkpoints:
-            views.append((f"{label}, retention after {checkpoints[-1]['edits_done']} edits", checkpoints[-1]["summary"]))
+            views.append(
+                (f"{label}, retention after {checkpoints[-1]['edits_done']} edits", checkpoints[-1]["summary"])
+            )
     out = []
     for m in measures:
         for p in protocols:
             head = ["run", *langs, "mean non-edit"]
             lines = [f"**{m}** ({p})", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             for label, res in views:
-                cells = [f"{res['language'].get(l, {}).get(m, {}).get(p, float('nan')):.2f}" if p in res["language"].get(l, {}).get(m, {}) else "-"
-                         for l in langs]
+                cells = [
+                    f"{res['language'].get(l, {}).get(m, {}).get(p, float('nan')):.2f}"
+                    if p in res["language"].get(l, {}).get(m, {})
+                    else "-"
+                    for l in langs
+                ]
                 avg = res.get("average", {}).get("non_edit_languages", {}).get(m, {})
                 cells.append(f"{avg[p]:.3f}" if p in avg else "-")
                 lines.append("| " + " | ".join([label, *cells]) + " |")
@@ -188,7 +205,10 @@ def compare_runs(run_dirs: list[str], output: str | Path, labels: list[str] | No
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     written = {"methods": plot_methods(runs, out / "methods.png", protocols)}
-    rows = [(f"{d.get('edit_language', '?')}: {name}" if len(runs) > 1 else d.get("edit_language", "?"), d) for name, d in runs]
+    rows = [
+        (f"{d.get('edit_language', '?')}: {name}" if len(runs) > 1 else d.get("edit_language", "?"), d)
+        for name, d in runs
+    ]
     for proto in protocols:
         written[f"heatmap_{proto}"] = plot_heatmap(rows, out / f"heatmap_{proto}.png", proto)
     written["table"] = out / "comparison.md"
@@ -203,8 +223,12 @@ def report_main(args: list[str] | None = None) -> dict[str, Path]:
     """``mke report RUN_DIR... [--output DIR] [--labels NAME...] [--protocols P...]``."""
     parser = argparse.ArgumentParser(prog="mke report", description="Compare the evaluation results of several runs.")
     parser.add_argument("runs", nargs="+", help="run log dirs (each holding one results.json) or results.json files")
-    parser.add_argument("--output", "-o", default="report", help="folder for methods.png, heatmaps and comparison.md (default: report)")
-    parser.add_argument("--labels", nargs="+", default=None, help="a name per run for the charts (default: method and model state)")
+    parser.add_argument(
+        "--output", "-o", default="report", help="folder for methods.png, heatmaps and comparison.md (default: report)"
+    )
+    parser.add_argument(
+        "--labels", nargs="+", default=None, help="a name per run for the charts (default: method and model state)"
+    )
     parser.add_argument("--protocols", nargs="+", default=["token_acc", "gen_em"], choices=list(PROTOCOLS),
                         help="metric protocols to chart (default: token_acc gen_em)")
     ns = parser.parse_args(args)

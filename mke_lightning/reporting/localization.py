@@ -86,7 +86,12 @@ def plot_summary(summary: dict[str, Any], folder: str | Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(max(6.0, 0.4 * len(layers) + 2), 3.6))
     width = 0.8 / len(CATEGORIES)
     for k, cat in enumerate(CATEGORIES):
-        ax.bar([l + (k - (len(CATEGORIES) - 1) / 2) * width for l in layers], summary["per_layer_mean"][cat], width, label=f"language-{cat}")
+        ax.bar(
+            [l + (k - (len(CATEGORIES) - 1) / 2) * width for l in layers],
+            summary["per_layer_mean"][cat],
+            width,
+            label=f"language-{cat}",
+        )
     ax.set_xlabel("layer")
     ax.set_ylabel("neurons per record (mean)")
     ax.set_xticks(layers)
@@ -105,7 +110,15 @@ def plot_summary(summary: dict[str, Any], folder: str | Path) -> list[Path]:
     ax.set_yticks(range(len(langs)), langs)
     for i in range(len(langs)):
         for j in range(len(langs)):
-            ax.text(j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", color="white" if matrix[i][j] < 0.6 else "black", fontsize=9)
+            ax.text(
+                j,
+                i,
+                f"{matrix[i][j]:.2f}",
+                ha="center",
+                va="center",
+                color="white" if matrix[i][j] < 0.6 else "black",
+                fontsize=9,
+            )
     ax.set_title(f"Language neuron-set overlap\n(Jaccard, mean of {summary['records']} records)", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()

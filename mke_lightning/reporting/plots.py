@@ -56,7 +56,9 @@ def plot_heatmap(rows: list[tuple[str, dict]], path: str | Path, protocol: str =
     nrows = -(-len(measures) // ncols)
     panel_w, panel_h = 0.5 * len(langs) + 1.3, 0.42 * len(rows) + 1.3
     label_w = 0.07 * max(len(label) for label, _ in rows) + 0.4  # row labels sit left of the first column only
-    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_w * ncols + label_w + 1.0, panel_h * nrows + 0.5), squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(panel_w * ncols + label_w + 1.0, panel_h * nrows + 0.5), squeeze=False
+    )
     for ax in axes.flat[len(measures):]:
         ax.set_visible(False)
     image = None
@@ -89,7 +91,9 @@ def plot_heatmap(rows: list[tuple[str, dict]], path: str | Path, protocol: str =
     return path
 
 
-def plot_methods(runs: list[tuple[str, dict]], path: str | Path, protocols: tuple[str, ...] = ("token_acc", "gen_em")) -> Path:
+def plot_methods(
+    runs: list[tuple[str, dict]], path: str | Path, protocols: tuple[str, ...] = ("token_acc", "gen_em")
+) -> Path:
     """Grouped bars, one bar per run in each measure; rows: edit language, mean over non-edit languages;
     columns: protocols."""
     import numpy as np
@@ -101,8 +105,13 @@ def plot_methods(runs: list[tuple[str, dict]], path: str | Path, protocols: tupl
         raise ValueError("no results to compare")
     views = [("edit language", lambda d: d["results"]["language"].get(d.get("edit_language", ""), {})),
              ("mean over non-edit languages", lambda d: d["results"].get("average", {}).get("non_edit_languages", {}))]
-    fig, axes = plt.subplots(len(views), len(protocols), figsize=(1.1 * len(measures) * len(protocols) + 2, 2.6 * len(views) + 0.8),
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        len(views),
+        len(protocols),
+        figsize=(1.1 * len(measures) * len(protocols) + 2, 2.6 * len(views) + 0.8),
+        squeeze=False,
+        sharey=True,
+    )
     width = 0.8 / len(runs)
     x = np.arange(len(measures))
     for r, (title, block_of) in enumerate(views):
@@ -112,7 +121,9 @@ def plot_methods(runs: list[tuple[str, dict]], path: str | Path, protocols: tupl
                 block = block_of(doc)
                 values = [block.get(m, {}).get(proto, np.nan) for m in measures]
                 bars = ax.bar(x + (k - (len(runs) - 1) / 2) * width, values, width, label=label)
-                ax.bar_label(bars, labels=[f"{v:.2f}" if not np.isnan(v) else "" for v in values], fontsize=6, padding=1)
+                ax.bar_label(
+                    bars, labels=[f"{v:.2f}" if not np.isnan(v) else "" for v in values], fontsize=6, padding=1
+                )
             ax.set_xticks(x, measures, rotation=30, ha="right", fontsize=7)
             ax.set_ylim(0, 1.12)
             ax.set_title(f"{title} - {proto}", fontsize=8)

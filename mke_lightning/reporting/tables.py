@@ -41,7 +41,9 @@ def format_table(summary: dict, languages: list[str], protocols: tuple[str, ...]
         raise ValueError(f"unknown protocols {sorted(unknown)}; choose from {list(PROTOCOLS)}")
     lang_blocks = summary.get("language", {})
     measures = [m for m in MEASURES if any(m in lang_blocks.get(l, {}) for l in languages)]
-    cols = [(m, p) for m in measures for p in protocols if any(p in lang_blocks.get(l, {}).get(m, {}) for l in languages)]
+    cols = [
+        (m, p) for m in measures for p in protocols if any(p in lang_blocks.get(l, {}).get(m, {}) for l in languages)
+    ]
     ppl = summary.get("perplexity_ratio", {})
     head = ["lang"] + [f"{MEASURE_SHORT[m]}/{SHORT[p]}" for m, p in cols] + (["ppl_ratio"] if ppl else [])
 
@@ -57,7 +59,10 @@ def format_table(summary: dict, languages: list[str], protocols: tuple[str, ...]
         if key in summary.get("group", {}):
             lines.append(row(f"[{key}]", summary["group"][key]))
     widths = [max(len(r[i]) for r in [head, *lines]) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))
+
+    def fmt(r):
+        return "  ".join(c.rjust(w) for c, w in zip(r, widths))
+
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)])
 
 
@@ -81,7 +86,10 @@ def format_retention_table(summary: dict, checkpoints: list[dict], edit_language
             if any(c is not None for c in cells):
                 lines.append([MEASURE_SHORT[measure], view, *(f"{c:.3f}" if c is not None else "-" for c in cells)])
     widths = [max(len(r[i]) for r in [head, *lines]) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))
+
+    def fmt(r):
+        return "  ".join(c.rjust(w) for c, w in zip(r, widths))
+
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)])
 
 
@@ -144,7 +152,10 @@ def read_results(run_dir: str | Path) -> dict:
         if not found:
             raise FileNotFoundError(f"no results.json in {p} (is it a run's log dir?)")
         if len(found) > 1:
-            raise ValueError(f"{p} holds {len(found)} results.json files ({', '.join(str(f) for f in found[:4])} ...); name one run dir")
+            raise ValueError(
+                f"{p} holds {len(found)} results.json files ({', '.join(str(f) for f in found[:4])} ...); "
+                "name one run dir"
+            )
         path = found[0]
     else:
         raise FileNotFoundError(f"{p} does not exist")

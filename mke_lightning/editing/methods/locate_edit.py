@@ -48,14 +48,22 @@ from typing import Literal
 
 import torch
 
-from mke_lightning.modeling.architectures import value_vectors
+from mke_lightning.data.records import EditRecord, join_prompt
 from mke_lightning.editing.edit_loop import EditStep, UpdateResult, seeded
 from mke_lightning.editing.key_statistics import KeyStatsConfig, key_statistics
 from mke_lightning.editing.methods.registry import EditMethod
 from mke_lightning.editing.neuron_delta import NeuronDelta
-from mke_lightning.data.records import EditRecord, join_prompt
+from mke_lightning.modeling.architectures import value_vectors
+from mke_lightning.modeling.forward import (
+    encode_continuation,
+    encode_prompt,
+    head_at,
+    pack,
+    right_pad,
+    row_logprobs,
+    target_logits,
+)
 from mke_lightning.modeling.prefix_scoring import _window_allows, prefill
-from mke_lightning.modeling.forward import encode_continuation, encode_prompt, head_at, pack, right_pad, row_logprobs, target_logits
 
 log = logging.getLogger(__name__)
 
