@@ -52,6 +52,7 @@ from mke_lightning.callbacks.module_access import (
     edit_protocol_of,
     languages_of,
     model_and_tokenizer,
+    own_record_ids,
     resumed_ids_of,
 )
 from mke_lightning.evaluation import resume
@@ -186,8 +187,9 @@ class EditEvaluation(L.Callback):
                 self.session.measure_pre_edit_perplexity(model)
                 rank_zero_info(f"pre-edit perplexity ({time.perf_counter() - start:.1f} s): "
                                + ", ".join(f"{lang} {v:.1f}" for lang, v in self.ppl_pre.items()))
-        if saved is not None:
-            self._take_back(trainer, pl_module, saved)
+        if saved is not None:  # this rank's share: the edits of the records it holds now
+            own = own_record_ids(trainer.datamodule, trainer.global_rank)
+            resume.take_back(self.session, saved, own, trainer.global_rank, resumed_ids_of(pl_module))
         elif stage == "fit" and resumed_ids_of(pl_module):
             rank_zero_warn(
                 "EditEvaluation: resumed from a checkpoint without an evaluation state (the callback was not in "
@@ -277,12 +279,6 @@ class EditEvaluation(L.Callback):
         self.measures = resume.resumable_measures(state["settings"], self.measures)
         resume.check_same_settings(state["settings"], self._settings())
 
-    def _take_back(self, trainer, pl_module, state: dict) -> None:
-        records = getattr(trainer.datamodule, "records", None)
-        own = {r.id for r in records} if records is not None else None
-        if own is None and trainer.global_rank != 0:
-            own = set()  # no record list to go by: rank 0 takes every edit
-        resume.take_back(self.session, state, own, trainer.global_rank, resumed_ids_of(pl_module))
 
     # -- validate / test: score the unedited model ---------------------------
     def on_validation_start(self, trainer, pl_module) -> None:

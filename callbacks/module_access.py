@@ -96,3 +96,12 @@ def all_records_of(datamodule):
     """Every rank's records (the DataModule's ``all_records``, else its ``records``; ``None`` without either)."""
     records = getattr(datamodule, "all_records", None)
     return records if records is not None else getattr(datamodule, "records", None)
+
+
+def own_record_ids(datamodule, rank: int) -> set[str] | None:
+    """The ids of this rank's records; ``None`` (every record) on rank 0 of a DataModule without a ``records``
+    list, and none on the other ranks."""
+    records = getattr(datamodule, "records", None)
+    if records is not None:
+        return {r.id for r in records}
+    return None if rank == 0 else set()

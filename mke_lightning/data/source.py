@@ -232,3 +232,10 @@ class RecordSource(Sequence[EditRecord]):
     def close(self) -> None:
         for f in self.parser.files:
             f.close()
+
+
+def skip_summary(skipped: int, reasons: list[str], where: str) -> str:
+    """``N bad records skipped (on_error: skip) in <where>:`` and the first reasons, one a line."""
+    shown = "\n  ".join(reasons)
+    more = "" if skipped <= len(reasons) else f"\n  ... and {skipped - len(reasons)} more"
+    return f"{skipped} bad records skipped (on_error: skip) in {where}:\n  {shown}{more}"

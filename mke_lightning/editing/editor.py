@@ -65,7 +65,7 @@ from mke_lightning.editing.methods.locate_edit import SolveConfig
 from mke_lightning.editing.neuron_delta import NeuronDelta, OnTop, Restore
 from mke_lightning.editing.objective import AnchorKL, EditLossConfig, NeighbourKL, training_rows
 from mke_lightning.editing.preserve import Preservation, PreservationConfig
-from mke_lightning.editing.step import apply_update, gather_step
+from mke_lightning.editing.step import apply_update, gather_step, prepare_objective
 from mke_lightning.editing.value_update import ValueUpdateConfig
 from mke_lightning.localization.neurons import NeuronMask
 from mke_lightning.modeling.collectives import SharedEdit
@@ -76,11 +76,40 @@ log = logging.getLogger(__name__)
 
 EDIT_PROTOCOLS = ("single", "batch", "sequential")  # the editing protocols (metrics.PROTOCOLS are the metric ones)
 
+TrainingRows = tuple[list[list[int]], list[list[int]], list[tuple[int, int, int | None]]]
+"""Prompt rows, target rows and training units ``(record index, new-target row, old-target row)``."""
+
 __all__ = ["EDIT_PROTOCOLS", "EditLossConfig", "EditOutcome", "KnowledgeEditor"]
 
 
 class KnowledgeEditor(L.LightningModule):
-    """Edits facts of a causal LM with LoRA updates masked to located neurons."""
+    """Edits facts of a causal LM, one registered method per run (see the module docstring).
+
+    Args:
+        lm: which causal LM to load and how.
+        edit_language: language of the edit prompt the update is trained on.
+        lora: masked-LoRA adapters and merge settings.
+        loss: edit objective and stopping rule.
+        optimizer: optimiser factory for the adapters of each edit (default Adam, lr 1e-3).
+        protocol: ``single`` (one edit per batch, undone after its evaluation), ``batch`` (the batch's edits
+            optimised together on their united masks, undone after evaluation) or ``sequential`` (each batch's
+            edits stay: later edits are made on the edited model). ``batch`` and ``sequential`` on several
+            ranks: each step's edit is trained on every rank's batch together.
+        method: a registered method (:mod:`mke_lightning.editing.methods`): ``memla``, ``lora``, ``ft_l``,
+            ``lafn`` and the locate-then-edit family (see the module docstring).
+        values: the direct value-vector update of ``ft_l`` and ``lafn``.
+        solve: the closed-form edits of ``rome``, ``memit`` and ``alphaedit`` (layers, target vector, statistics).
+        preserve: preservation of a trained method's update (docs/preservation.md): a loss term for its output
+            change on ordinary text and on earlier edits' keys, and a bound on each neuron's change; null: none
+            (the authors' reading).
+        train_languages: languages whose edit prompts (each with its own new target) the edit is trained on;
+            null: the edit language only.
+        save_deltas: write each edit (``single``/``batch``: one file per batch; ``sequential``: one file per
+            step, in order) as a delta under ``<log dir>/deltas/``.
+        init_seed: seed of each update's random start (LoRA's ``A``, ``values.init_std``), combined with the ids
+            of the edit's records: the same start on every rank, in every run and after a restart, whatever
+            was drawn before.
+    """
 
     def __init__(
         self,
@@ -98,32 +127,6 @@ class KnowledgeEditor(L.LightningModule):
         save_deltas: bool = False,
         init_seed: int = 0,
     ) -> None:
-        """
-        Args:
-            lm: which causal LM to load and how.
-            edit_language: language of the edit prompt the update is trained on.
-            lora: masked-LoRA adapters and merge settings.
-            loss: edit objective and stopping rule.
-            optimizer: optimiser factory for the adapters of each edit (default Adam, lr 1e-3).
-            protocol: ``single`` (one edit per batch, undone after its evaluation), ``batch`` (the batch's edits
-                optimised together on their united masks, undone after evaluation) or ``sequential`` (each batch's
-                edits stay: later edits are made on the edited model). ``batch`` and ``sequential`` on several
-                ranks: each step's edit is trained on every rank's batch together.
-            method: a registered method (:mod:`mke_lightning.editing.methods`): ``memla``, ``lora``, ``ft_l``,
-                ``lafn`` and the locate-then-edit family (see the module docstring).
-            values: the direct value-vector update of ``ft_l`` and ``lafn``.
-            solve: the closed-form edits of ``rome``, ``memit`` and ``alphaedit`` (layers, target vector, statistics).
-            preserve: preservation of a trained method's update (docs/preservation.md): a loss term for its output
-                change on ordinary text and on earlier edits' keys, and a bound on each neuron's change; null: none
-                (the authors' reading).
-            train_languages: languages whose edit prompts (each with its own new target) the edit is trained on;
-                null: the edit language only.
-            save_deltas: write each edit (``single``/``batch``: one file per batch; ``sequential``: one file per
-                step, in order) as a delta under ``<log dir>/deltas/``.
-            init_seed: seed of each update's random start (LoRA's ``A``, ``values.init_std``), combined with the ids
-                of the edit's records: the same start on every rank, in every run and after a restart, whatever
-                was drawn before.
-        """
         super().__init__()
         self.save_hyperparameters()
         if protocol not in EDIT_PROTOCOLS:
@@ -150,7 +153,7 @@ class KnowledgeEditor(L.LightningModule):
         self._delta_dir: Path | None = None
         self._base_fingerprint: str | None = None  # the model the run began with (delta files name it)
         self._saved = resume.SavedEdits()  # what a checkpoint gave back, until the fit starts
-        self._run_subjects_excluded = False
+        self._run_subjects_excluded = False  # the neighbour term knows the run's subjects (step.prepare_objective)
 
     # -- model ------------------------------------------------------------
     def configure_model(self) -> None:
@@ -197,9 +200,7 @@ class KnowledgeEditor(L.LightningModule):
         """KL(pre-edit || now) of the next-token distribution, mean over the anchors: ``logits`` ``[A, V]``."""
         return self.anchors(logits)
 
-    def _rows(
-        self, records: list[EditRecord]
-    ) -> tuple[list[list[int]], list[list[int]], list[tuple[int, int, int | None]]]:
+    def _rows(self, records: list[EditRecord]) -> TrainingRows:
         """Prompt and target rows and training units of ``records`` (:func:`.objective.training_rows`)."""
         return training_rows(self.tokenizer, records, self.train_languages or [self.edit_language], self.edit_language,
                              self.loss_config)
@@ -232,21 +233,10 @@ class KnowledgeEditor(L.LightningModule):
             return SharedEdit()
         return SharedEdit(self.trainer.strategy)
 
-    def _exclude_run_subjects(self, records: list[EditRecord]) -> None:
-        """The neighbour term never uses a subject of the run's records (those of the DataModule, else these)."""
-        if self._run_subjects_excluded or self.loss_config.neighbour_weight <= 0:
-            return
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        every = list(getattr(dm, "records", None) or records)
-        self.neighbours.exclude(f.subject for r in every for f in (r.facts(lang) for lang in r.languages))
-        self._run_subjects_excluded = self._trainer is not None  # as a library: each call's own records
-
     def _edit(self, records: list[EditRecord], masks: list[NeuronMask | None], ranks: SharedEdit,
               require_masks: bool = False) -> list[EditOutcome]:
         start = time.perf_counter()
-        self.causal_lm.eval()
-        self.anchors.prepare(self.causal_lm, self.tokenizer, self.device)
-        self._exclude_run_subjects(records)
+        prepare_objective(self, records)
         batch = gather_step(records, masks, self._rows(records), ranks, self.init_seed, require_masks)
         if batch is None:
             return []

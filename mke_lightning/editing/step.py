@@ -25,6 +25,19 @@ from mke_lightning.localization.neurons import NeuronMask, unite_masks
 from mke_lightning.modeling.collectives import SharedEdit
 
 
+def prepare_objective(editor, records: list[EditRecord]) -> None:
+    """Before an edit: the model in eval mode, the anchors' pre-edit distributions, and the neighbour term told
+    never to use a subject of the run's records (the DataModule's, else these; as a library, each call's own)."""
+    editor.causal_lm.eval()
+    editor.anchors.prepare(editor.causal_lm, editor.tokenizer, editor.device)
+    if editor._run_subjects_excluded or editor.loss_config.neighbour_weight <= 0:
+        return
+    trainer = editor._trainer
+    every = list(getattr(trainer.datamodule if trainer is not None else None, "records", None) or records)
+    editor.neighbours.exclude(f.subject for r in every for f in (r.facts(lang) for lang in r.languages))
+    editor._run_subjects_excluded = trainer is not None
+
+
 def gather_step(records: list[EditRecord], masks: list[NeuronMask | None], rows: tuple[list, list, list],
                 ranks: SharedEdit, init_seed: int, require_masks: bool = False) -> EditStep | None:
     """The step's edit from this rank's ``records``, their ``masks`` and training ``rows`` (prompts, targets,

@@ -79,11 +79,31 @@ def localize_records(
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         raise ValueError(f"record ids must be unique for localisation; repeated: {dupes[:5]}")
     rank, world = rank_and_world()
-    all_ids = gather_object(ids, world)
-    owner = assign(all_ids)
-    known = dict(known or {})
-    result = StageResult(masks={})
+    owner = assign(gather_object(ids, world))
     mine = [r for r in records if owner[r.id] == rank]
+    result = _locate_own(model, tokenizer, arch, mine, edit_language, cfg, cache, dict(known or {}), report, rank)
+    result.masks = _gather_masks(result.masks, list(owner), world)
+    if cfg.background is not None:  # the same on every rank: same model, same prompts
+        result.masks, busy = drop_busy(model, tokenizer, arch, result.masks, cfg.background)
+        dropped = sum(m.metadata["background_dropped"] for m in result.masks.values())
+        report(
+            f"  busy neurons (mean |activation| > {cfg.background.max_ratio:g} x layer median on unrelated prompts): "
+            f"{sum(len(v) for v in busy.values())} in {len(busy)} layers; "
+            f"{dropped} dropped from {len(result.masks)} masks"
+        )
+    if world > 1:
+        report(
+            f"  [rank {rank}] holds the masks of {len(result.masks)} records "
+            f"({len(result.computed)} computed, {len(result.reused)} from the cache here)"
+        )
+    return result
+
+
+def _locate_own(model, tokenizer, arch: ArchSpec, mine: list[EditRecord], edit_language: str, cfg: LocalizationConfig,
+                cache: MaskCache | None, known: dict[str, NeuronMask], report: Callable[[str], None],
+                rank: int) -> StageResult:
+    """The masks of the records this rank owns: known, read from the cache, or located (and cached at once)."""
+    result = StageResult(masks={})
     usual = None  # relative_to_background: measured once, when the first record needs it
     for i, record in enumerate(mine, start=1):
         mask = known.get(record.id)
@@ -105,25 +125,15 @@ def localize_records(
                 f"{mask.count('specific')} language-specific neurons ({result.seconds[record.id]:.1f}s)"
             )
         result.masks[record.id] = mask
-    parts = gather_object({rid: m.to_dict() for rid, m in result.masks.items()}, world)
+    return result
+
+
+def _gather_masks(own: dict[str, NeuronMask], order: list[str], world: int) -> dict[str, NeuronMask]:
+    """Every rank's masks, in the run's record order, on every rank (this rank's own objects, metadata intact)."""
+    parts = gather_object({rid: m.to_dict() for rid, m in own.items()}, world)
     gathered = {rid: NeuronMask.from_dict(d) for part in parts for rid, d in part.items()}
-    gathered.update({rid: m for rid, m in result.masks.items()})  # this rank's own objects, metadata intact
-    order = list(owner)
+    gathered.update(own)
     missing = [i for i in order if i not in gathered]
     if missing:
         raise RuntimeError(f"localisation lost records {missing[:5]} in the gather across {world} ranks")
-    result.masks = {i: gathered[i] for i in order}
-    if cfg.background is not None:  # the same on every rank: same model, same prompts
-        result.masks, busy = drop_busy(model, tokenizer, arch, result.masks, cfg.background)
-        dropped = sum(m.metadata["background_dropped"] for m in result.masks.values())
-        report(
-            f"  busy neurons (mean |activation| > {cfg.background.max_ratio:g} x layer median on unrelated prompts): "
-            f"{sum(len(v) for v in busy.values())} in {len(busy)} layers; "
-            f"{dropped} dropped from {len(result.masks)} masks"
-        )
-    if world > 1:
-        report(
-            f"  [rank {rank}] holds the masks of {len(result.masks)} records "
-            f"({len(result.computed)} computed, {len(result.reused)} from the cache here)"
-        )
-    return result
+    return {i: gathered[i] for i in order}

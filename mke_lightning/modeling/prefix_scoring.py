@@ -126,7 +126,6 @@ def score_and_continue(
     count = pre.last_logits.shape[0]
     if len(targets) != count or len(widths) != count:
         raise ValueError(f"{len(targets)} targets and {len(widths)} widths for {count} prompts")
-    device = pre.mask.device
     longest = max((len(t) for t in targets), default=0)
     scores: list[TargetScore | None] = [None] * count
     if longest and not _window_allows(model, pre.mask.shape[1] + longest + max(widths, default=0)):
@@ -136,37 +135,51 @@ def score_and_continue(
             scores[u] = sc
         longest = 0
     if longest:
-        ids, tmask = right_pad(targets, longest, pad_id)  # [U, K] each
-        out = model(
-            input_ids=ids.to(device),
-            attention_mask=torch.cat([pre.mask, tmask.to(device)], dim=1),  # [U, T + K]
-            position_ids=pre.next_pos[:, None] + torch.arange(longest, device=device),  # [U, K]
-            past_key_values=pre.cache,
-            use_cache=True,
-        )
-        cache = out.past_key_values
-        logits = torch.cat(
-            [pre.last_logits[:, None], out.logits], dim=1
-        )  # [U, K + 1, V]: predicts t[0..K-1], then what follows
-        argmax = logits.argmax(-1).tolist()  # [U][K + 1]
-        nonempty = [u for u, t in enumerate(targets) if t]
-        got = _target_scores(logits[nonempty], [targets[u] for u in nonempty], [argmax[u] for u in nonempty])
-        for u, sc in zip(nonempty, got):
-            scores[u] = sc
-        # per row: how many target tokens the greedy path shares with the target
-        followed = [next((k for k in range(len(t)) if argmax[u][k] != t[k]), len(t)) for u, t in enumerate(targets)]
-        paths = [list(t[:k]) + [argmax[u][k]] for u, (t, k) in enumerate(zip(targets, followed))]
-        seen = (torch.arange(longest)[None, :] < torch.tensor(followed)[:, None]).long()  # [U, K] cache kept visible
-        mask = torch.cat([pre.mask, seen.to(device)], dim=1)  # [U, T + K]
-        pos = pre.next_pos + torch.tensor(followed, device=device)
+        cache, mask, pos, paths = _targets_on_cache(model, pre, targets, longest, pad_id, scores)
     else:
         cache, mask, pos = pre.cache, pre.mask, pre.next_pos
         paths = [[t] for t in pre.last_logits.argmax(-1).tolist()]
+    return scores, _decode(model, cache, mask, pos, paths, widths, end_ids, pad_id, keep_end)
 
-    out_tokens: list[list[int]] = [[] for _ in range(count)]
-    live = [u for u in range(count) if _walk(paths[u], out_tokens[u], widths[u], end_ids, pad_id, keep_end)]
+
+def _targets_on_cache(model, pre: Prefill, targets: Sequence[Sequence[int]], longest: int, pad_id: int,
+                      scores: list[TargetScore | None]):
+    """One pass of the (right-padded) targets on top of the prompts' cache: fills ``scores`` and returns the
+    cache, the attention mask ``[U, T + K]`` (only the tokens the greedy path shares with the target stay
+    visible), the next positions ``[U]`` and each row's greedy path so far (shared tokens, then the next one)."""
+    device = pre.mask.device
+    ids, tmask = right_pad(targets, longest, pad_id)  # [U, K] each
+    out = model(
+        input_ids=ids.to(device),
+        attention_mask=torch.cat([pre.mask, tmask.to(device)], dim=1),  # [U, T + K]
+        position_ids=pre.next_pos[:, None] + torch.arange(longest, device=device),  # [U, K]
+        past_key_values=pre.cache,
+        use_cache=True,
+    )
+    # [U, K + 1, V]: predicts t[0..K-1], then what follows
+    logits = torch.cat([pre.last_logits[:, None], out.logits], dim=1)
+    argmax = logits.argmax(-1).tolist()  # [U][K + 1]
+    nonempty = [u for u, t in enumerate(targets) if t]
+    got = _target_scores(logits[nonempty], [targets[u] for u in nonempty], [argmax[u] for u in nonempty])
+    for u, sc in zip(nonempty, got):
+        scores[u] = sc
+    # per row: how many target tokens the greedy path shares with the target
+    followed = [next((k for k in range(len(t)) if argmax[u][k] != t[k]), len(t)) for u, t in enumerate(targets)]
+    paths = [list(t[:k]) + [argmax[u][k]] for u, (t, k) in enumerate(zip(targets, followed))]
+    seen = (torch.arange(longest)[None, :] < torch.tensor(followed)[:, None]).long()  # [U, K] cache kept visible
+    mask = torch.cat([pre.mask, seen.to(device)], dim=1)  # [U, T + K]
+    return out.past_key_values, mask, pre.next_pos + torch.tensor(followed, device=device), paths
+
+
+def _decode(model, cache, mask: torch.Tensor, pos: torch.Tensor, paths: list[list[int]], widths: Sequence[int],
+            end_ids: set[int], pad_id: int, keep_end: bool) -> list[list[int]]:
+    """Greedy decoding from ``cache`` after each row's ``paths`` (read off already): one token per step for the
+    rows still live, a row leaving the batch at its width or an end token (see :func:`score_and_continue`)."""
+    device = mask.device
+    out_tokens: list[list[int]] = [[] for _ in paths]
+    live = [u for u in range(len(paths)) if _walk(paths[u], out_tokens[u], widths[u], end_ids, pad_id, keep_end)]
     if not live:
-        return scores, out_tokens
+        return out_tokens
     sel = torch.tensor(live, device=device)
     cache.batch_select_indices(sel)
     tokens = torch.tensor([paths[u][-1] for u in live], device=device)  # [A] the next token to feed
@@ -188,7 +201,7 @@ def score_and_continue(
             cache.batch_select_indices(sel)
             tokens, mask, pos = tokens[sel], mask[sel], pos[sel]
             live = [live[j] for j in keep]
-    return scores, out_tokens
+    return out_tokens
 
 
 def greedy_continue(
