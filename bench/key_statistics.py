@@ -27,17 +27,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--exclude", nargs="*", default=[str(SHARED)] if SHARED.is_dir() else [],
                    help="benchmark files/folders the sample must not overlap (default: ../shared/data when present)")
-    p.add_argument(
-        "--cache-dir", default=None, help="cache root (default: a fresh temporary folder, so the cache is cold)"
-    )
+    p.add_argument("--cache-dir", default=None, help="cache root (default: a fresh temporary folder, so the cache is cold)")
     p.add_argument("--tokens-per-language", type=int, default=KeyStatsConfig.tokens_per_language)
     ns = p.parse_args()
 
     model, tokenizer, arch = load_causal_lm(ModelConfig())
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = KeyStatsConfig(
-            cache_dir=ns.cache_dir or tmp, exclude=ns.exclude, tokens_per_language=ns.tokens_per_language
-        )
+        cfg = KeyStatsConfig(cache_dir=ns.cache_dir or tmp, exclude=ns.exclude, tokens_per_language=ns.tokens_per_language)
         t0 = time.perf_counter()
         stats = key_statistics(model, tokenizer, arch, cfg)
         cold = time.perf_counter() - t0

@@ -106,9 +106,7 @@ def test_cache_reused_and_invalidated(tiny_llama_dir, tmp_path, monkeypatch):
     n_batches, n_generated = forward.calls, generate.calls
     assert n_batches == 4 and n_generated == 4  # 8 passages in batches of 2; 2 languages x 2 generation batches
 
-    again = key_statistics(
-        model, tok, arch, _small(cache_dir=str(tmp_path), batch_size=5, checkpoint_tokens=7)
-    )  # speed-only settings
+    again = key_statistics(model, tok, arch, _small(cache_dir=str(tmp_path), batch_size=5, checkpoint_tokens=7))  # speed-only settings
     assert (forward.calls, generate.calls) == (n_batches, n_generated)
     for l in first.layers:
         assert torch.equal(again.second_moment(l), first.second_moment(l))
@@ -168,21 +166,15 @@ def test_disjointness_rule_drops_overlapping_passages(tiny_llama_dir, tmp_path):
     model, tok, arch = _load(tiny_llama_dir)
     probe = "the capital of france is paris the tower is located in the city of rome"
     bench = tmp_path / "bench.jsonl"
-    bench.write_text(
-        json.dumps({"id": "r1", "languages": {"en": {"locality": [{"prompt": probe, "answer": "x"}]}}}) + "\n"
-    )
+    bench.write_text(json.dumps({"id": "r1", "languages": {"en": {"locality": [{"prompt": probe, "answer": "x"}]}}}) + "\n")
     clean = "honey is made by bees and the sky is blue"
     source = tmp_path / "text.json"
     source.write_text(json.dumps({"en": [f"what colour is {probe} le ciel", clean]}))
-    cfg = KeyStatsConfig(
-        languages=["en"], source=str(source), exclude=[str(bench)], tokens_per_language=100, cache=False
-    )
+    cfg = KeyStatsConfig(languages=["en"], source=str(source), exclude=[str(bench)], tokens_per_language=100, cache=False)
     built = ks.build_sample(model, tok, cfg)
     assert built["sample"] == {"en": [clean]} and built["dropped"] == {"en": 1}
     # without the benchmark file both passages stay
-    kept = ks.build_sample(
-        model, tok, KeyStatsConfig(languages=["en"], source=str(source), tokens_per_language=100, cache=False)
-    )
+    kept = ks.build_sample(model, tok, KeyStatsConfig(languages=["en"], source=str(source), tokens_per_language=100, cache=False))
     assert len(kept["sample"]["en"]) == 2
     # seven shared tokens are allowed, eight are not
     guard = key_sample.NgramGuard(tok, [probe], n=8)
@@ -207,29 +199,9 @@ def test_packaged_evaluation_text_is_always_excluded():
 def test_settings_key_ignores_speed_settings_only():
     a = ks.settings_key(KeyStatsConfig())
     assert a == ks.settings_key(KeyStatsConfig(batch_size=1, checkpoint_tokens=0, cache=False, cache_dir="/x"))
-    for change in (
-        {"seed": 1},
-        {"tokens_per_language": 10},
-        {"max_length": 64},
-        {"languages": ["en"]},
-        {"skip_first": False},
-        {"top_p": 0.5},
-    ):
+    for change in ({"seed": 1}, {"tokens_per_language": 10}, {"max_length": 64}, {"languages": ["en"]}, {"skip_first": False}, {"top_p": 0.5}):
         assert ks.settings_key(KeyStatsConfig(**change)) != a, change
-    assert KeyStatsConfig().resolved_languages == [
-        "en",
-        "cs",
-        "de",
-        "nl",
-        "es",
-        "fr",
-        "pt",
-        "ru",
-        "th",
-        "tr",
-        "vi",
-        "zh",
-    ]
+    assert KeyStatsConfig().resolved_languages == ["en", "cs", "de", "nl", "es", "fr", "pt", "ru", "th", "tr", "vi", "zh"]
     with pytest.raises(ValueError):
         KeyStatsConfig(max_length=1)
     with pytest.raises(ValueError):

@@ -37,9 +37,7 @@ def _keys_of(editor, texts: list[str], layers: list[int]) -> dict[int, torch.Ten
     return caught
 
 
-def _editor(
-    model_dir, method: str, layers: list[int], protocol: str = "single", texts=TEXT, **solve
-) -> KnowledgeEditor:
+def _editor(model_dir, method: str, layers: list[int], protocol: str = "single", texts=TEXT, **solve) -> KnowledgeEditor:
     """An editor on a tiny model whose key statistics are a stub: E[k kᵀ] of hooked keys over ``texts``."""
     ed = KnowledgeEditor(lm=ModelConfig(name_or_path=str(model_dir)), method=method, protocol=protocol,
                          solve=SolveConfig(layers=layers, **solve))
@@ -153,9 +151,7 @@ def test_sequential_alphaedit_keeps_an_earlier_edits_keys(tiny_llama_dir):
     ka = seen[0]  # [d_ff, 1]: the first edit's key
     written = ((w1 - w0) @ ka).norm()  # what the first edit wrote on its key
     drift = ((w2 - w1) @ ka).norm()  # what the second edit changed there
-    assert written > 0 and drift < 0.05 * written, (
-        f"the later edit moved the earlier key's value by {drift / written:.3f}"
-    )
+    assert written > 0 and drift < 0.05 * written, f"the later edit moved the earlier key's value by {drift / written:.3f}"
     assert torch.allclose(ed.method_impl.earlier[1], sum(k @ k.T for k in seen))
     # the memory survives a checkpoint: a fresh instance with the saved state solves alike
     state = ed.method_impl.state_dict()
@@ -207,9 +203,7 @@ def test_the_subject_token_is_found(tiny_llama_dir):
     text = "the tower is located in the city of"
     assert subject_end(tok, text, 0, "tower") == 2  # <bos> the tower
     assert subject_end(tok, text, 0, "not there") == len(encode_prompt(tok, text)) - 1
-    assert (
-        subject_end(tok, "the city . " + text, 11, "the") == 4
-    )  # <bos> the city . the: the occurrence after the prefix
+    assert subject_end(tok, "the city . " + text, 11, "the") == 4  # <bos> the city . the: the occurrence after the prefix
 
 
 def test_methods_refuse_missing_or_wrong_layers():

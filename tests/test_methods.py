@@ -19,9 +19,7 @@ MASK = NeuronMask("toy-1", {"independent": {0: [1, 5], 1: [9]}, "specific": {1: 
 
 def _editor(model_dir, **kw) -> KnowledgeEditor:
     lr = kw.pop("lr", 0.05)
-    ed = KnowledgeEditor(
-        loss=kw.pop("loss", EditLossConfig(max_steps=80)), optimizer=lambda p: torch.optim.Adam(p, lr=lr), **kw
-    )
+    ed = KnowledgeEditor(loss=kw.pop("loss", EditLossConfig(max_steps=80)), optimizer=lambda p: torch.optim.Adam(p, lr=lr), **kw)
     ed.causal_lm, ed.tokenizer, ed.arch = load_causal_lm(ModelConfig(name_or_path=str(model_dir)))
     return ed
 
@@ -92,9 +90,7 @@ def test_ft_l_changes_one_projection_within_its_norm_ball(tiny_llama_dir, record
 
 def test_lafn_updates_only_the_independent_neurons_and_trains_every_language(tiny_llama_dir, record):
     langs = ["en", "fr", "de"]
-    mask = NeuronMask(
-        "toy-1", {"independent": {0: list(range(0, 64, 4)), 1: list(range(1, 64, 4))}, "specific": {1: [2, 6]}}
-    )
+    mask = NeuronMask("toy-1", {"independent": {0: list(range(0, 64, 4)), 1: list(range(1, 64, 4))}, "specific": {1: [2, 6]}})
     ed = _editor(tiny_llama_dir, method="lafn", train_languages=langs)
     before = {k: v.clone() for k, v in ed.causal_lm.state_dict().items()}
     pre = {l: _reliability(ed, record, l) for l in langs}

@@ -28,12 +28,7 @@ def test_prompts_replace_the_subject_deterministically_and_skip_excluded_names(t
     assert first == nb.prompts(rec)  # the same every time
     en = [p for p in first if p.startswith("the ")]
     assert len(en) == 3 and all("tower" not in p for p in en)
-    assert all(
-        p.replace(n, "tower") == rec.facts("en").prompt
-        for p in en
-        for n in ["paris", "rome", "berlin", "madrid", "honey"]
-        if n in p
-    )
+    assert all(p.replace(n, "tower") == rec.facts("en").prompt for p in en for n in ["paris", "rome", "berlin", "madrid", "honey"] if n in p)
     assert first[-1] == "la paris est de la ville"  # French: its one name
     nb.exclude(["Rome", "paris"])
     assert not any("rome" in p or "paris" in p for p in nb.prompts(rec))
