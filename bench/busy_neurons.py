@@ -3,7 +3,7 @@
     python bench/busy_neurons.py --ratio 10 --deltas runs/mzsre-memla/version_0/deltas runs/mzsre-lafn/version_0/deltas
 
 On the embedded Gemma 3 270M: each neuron's mean |activation| over the
-packaged unrelated prompts (mke_lightning.background), per layer the count
+packaged unrelated prompts (mke_lightning.localization.background), per layer the count
 above ``--ratio`` x the layer median and the largest ratio. Then, for each
 folder of saved edits (a run's ``deltas/``), how many edits change at least
 one busy neuron, and what share of all changed neurons are busy.
@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mke_lightning.background import BackgroundConfig, background_prompts, busy_neurons, neuron_activity
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.neuron_delta import read_delta
+from mke_lightning.editing.neuron_delta import read_delta
+from mke_lightning.localization.background import BackgroundConfig, background_prompts, busy_neurons, neuron_activity
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 
 def main() -> None:

@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import load_file
 
 from mke_lightning.data import read_mzsre
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.scoring import encode_prompt
+from mke_lightning.modeling.forward import encode_prompt
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         layers = sorted(int(k.split(".")[0]) for k in delta if k.endswith(".index"))
         keys: dict[int, torch.Tensor] = {}
         hooks = [model.get_submodule(arch.mlp_out_name(l)).register_forward_pre_hook(
-            lambda m, a, l=l: keys.__setitem__(l, a[0][0, -1].detach().double())) for l in layers]
+            lambda m, a, l=l, keys=keys: keys.__setitem__(l, a[0][0, -1].detach().double())) for l in layers]
         ids = torch.tensor([encode_prompt(tok, records[f.stem].facts(ns.language).prompt)])
         with torch.no_grad():
             model(input_ids=ids)

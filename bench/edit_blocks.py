@@ -98,7 +98,10 @@ def main() -> None:
     order = {e["record_id"]: i for i, e in enumerate(log)}
     for rid in sorted(by_record, key=lambda x: order.get(x, len(order))):
         number = order[rid] + 1 if rid in order else "?"
-        print(f"perplexity ratio after {rid} (edit {number}), median over languages: {statistics.median(by_record[rid]):.3g}")
+        print(
+            f"perplexity ratio after {rid} (edit {number}), median over languages: "
+            f"{statistics.median(by_record[rid]):.3g}"
+        )
 
 
 if __name__ == "__main__":

@@ -17,12 +17,12 @@ import time
 
 import torch
 
-from mke_lightning.attribution import AttributionConfig
 from mke_lightning.data import demo_records
-from mke_lightning.editor import KnowledgeEditor
-from mke_lightning.evaluation import EditEvaluator, build_items
-from mke_lightning.localization import LocalizationConfig, locate
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
+from mke_lightning.editing.editor import KnowledgeEditor
+from mke_lightning.evaluation.evaluator import EditEvaluator, build_items
+from mke_lightning.localization.attribution import AttributionConfig
+from mke_lightning.localization.locate import LocalizationConfig, locate
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 
 def main() -> None:
@@ -42,7 +42,12 @@ def main() -> None:
     evaluator = EditEvaluator(tok)
     loc_cfg = LocalizationConfig()
     loc_full = LocalizationConfig(attribution=AttributionConfig(prefix_cache=False))
-    times: dict[str, list[float]] = {"localisation": [], "localisation_no_prefix_cache": [], "optimisation": [], "evaluation": []}
+    times: dict[str, list[float]] = {
+        "localisation": [],
+        "localisation_no_prefix_cache": [],
+        "optimisation": [],
+        "evaluation": [],
+    }
     steps = []
     for record in demo_records()[: args.edits]:
         t = time.perf_counter()
@@ -71,8 +76,12 @@ def main() -> None:
         "median_s": {k: round(statistics.median(v), 2) for k, v in times.items()},
         "median_steps": statistics.median(steps),
     }
-    report["median_s"]["total"] = round(sum(report["median_s"][k] for k in ("localisation", "optimisation", "evaluation")), 2)
-    report["prefix_cache_speedup"] = round(report["median_s"]["localisation_no_prefix_cache"] / report["median_s"]["localisation"], 2)
+    report["median_s"]["total"] = round(
+        sum(report["median_s"][k] for k in ("localisation", "optimisation", "evaluation")), 2
+    )
+    report["prefix_cache_speedup"] = round(
+        report["median_s"]["localisation_no_prefix_cache"] / report["median_s"]["localisation"], 2
+    )
     print(json.dumps(report, indent=2))
 
 

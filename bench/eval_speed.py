@@ -7,7 +7,7 @@ locality with its pre-edit reference, portability), on the embedded Gemma 3
 270M. "batched" is what EditEvaluation does: every distinct prompt of the edit
 goes through the model once, in padded batches, and its targets are scored
 and its greedy continuation decoded from that pass's KV cache
-(mke_lightning/prefix_scoring.py). "one at a time" is the usual loop: for each
+(mke_lightning/modeling/prefix_scoring.py). "one at a time" is the usual loop: for each
 item, one full forward pass per teacher-forced target and one
 ``model.generate`` call. Both are timed on every edit, alternating which goes
 first, and the figures are medians over the edits. Every row of the two must
@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from mke_lightning.data import read_mzsre
-from mke_lightning.evaluation import EditEvaluator, build_items
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.prefix_scoring import TargetScore
-from mke_lightning.scoring import greedy_generate, kept_logits, pack, teacher_forced
+from mke_lightning.evaluation.evaluator import EditEvaluator, build_items
+from mke_lightning.modeling.forward import greedy_generate, kept_logits, pack, teacher_forced
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
+from mke_lightning.modeling.prefix_scoring import TargetScore
 
 MEASURES = ("reliability", "generality", "locality", "portability")
 MZSRE_LANGUAGES = ["en", "cs", "de", "es", "fr", "nl", "pt", "ru", "th", "tr", "vi", "zh"]

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 
 def main() -> None:

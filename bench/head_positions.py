@@ -18,12 +18,20 @@ import time
 
 import torch
 
-from mke_lightning.architectures import num_layers
-from mke_lightning.background import unrelated_prompts
 from mke_lightning.data import read_mzsre
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.records import join_prompt
-from mke_lightning.scoring import encode_continuation, encode_prompt, kept_logits, pack, picked_logprobs, target_logits, target_logprobs
+from mke_lightning.data.records import join_prompt
+from mke_lightning.localization.background import unrelated_prompts
+from mke_lightning.modeling.architectures import num_layers
+from mke_lightning.modeling.forward import (
+    encode_continuation,
+    encode_prompt,
+    kept_logits,
+    pack,
+    picked_logprobs,
+    target_logits,
+    target_logprobs,
+)
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 LANGS = ["en", "cs", "de", "nl", "es", "fr", "pt", "ru", "th", "tr", "vi", "zh"]
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from mke_lightning.key_statistics import KeyStatsConfig, cache_folder, key_statistics
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
+from mke_lightning.editing.key_statistics import KeyStatsConfig, cache_folder, key_statistics
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

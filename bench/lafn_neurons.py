@@ -18,11 +18,17 @@ import argparse
 import statistics
 from dataclasses import replace
 
-from mke_lightning.attribution import AttributionConfig
-from mke_lightning.background import BackgroundConfig, background_prompts, busy_neurons, neuron_activity, usual_activity
 from mke_lightning.data import read_mzsre
-from mke_lightning.localization import LocalizationConfig, locate
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
+from mke_lightning.localization.attribution import AttributionConfig
+from mke_lightning.localization.background import (
+    BackgroundConfig,
+    background_prompts,
+    busy_neurons,
+    neuron_activity,
+    usual_activity,
+)
+from mke_lightning.localization.locate import LocalizationConfig, locate
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 LANGS = ["en", "cs", "de", "nl", "es", "fr", "pt", "ru", "th", "tr", "vi", "zh"]
 

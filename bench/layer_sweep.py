@@ -6,7 +6,8 @@ sweep of single-layer ROME edits.
     .venv/bin/python bench/layer_sweep.py --records 6 --no-trace --time configs/mzsre/rome.yaml   # seconds per edit
 
 **Causal trace** (per English MzsRE record): the answer is the model's own most likely next token after
-the edit prompt among tokens holding text (a question's most likely next token is often a line break). The subject's token embeddings are corrupted with Gaussian noise (``--noise`` x the standard
+the edit prompt among tokens holding text (a question's most likely next token is often a line break).
+The subject's token embeddings are corrupted with Gaussian noise (``--noise`` x the standard
 deviation of the embeddings over the prompts' tokens, ``--samples`` draws); then, one layer at a time,
 the output of the MLP output projection at the subject's last token (and ``--window - 1`` layers above)
 is put back to its clean value. The indirect effect of layer ``l`` is
@@ -30,9 +31,9 @@ from pathlib import Path
 import torch
 
 from mke_lightning.data import read_mzsre
-from mke_lightning.methods.locate_edit import subject_end
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.scoring import encode_prompt, left_pad
+from mke_lightning.editing.methods.locate_edit import subject_end
+from mke_lightning.modeling.forward import encode_prompt
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "mzsre"
 
@@ -58,12 +59,15 @@ def trace(model, tok, arch, records, noise: float, samples: int, window: int, se
         last = subject_end(tok, facts.prompt, 0, facts.subject)
         at = facts.prompt.find(facts.subject)
         offsets = tok(facts.prompt, add_special_tokens=True, return_offsets_mapping=True)["offset_mapping"]
-        first = min((i for i, (a, b) in enumerate(offsets) if b > a and b > at and a < at + len(facts.subject)), default=last)
+        first = min(
+            (i for i, (a, b) in enumerate(offsets) if b > a and b > at and a < at + len(facts.subject)), default=last
+        )
         first = max(1, min(first, last))  # never the BOS token
         x = torch.tensor([ids])
         clean_mlp: dict[int, torch.Tensor] = {}
         hooks = [model.get_submodule(arch.mlp_out_name(l)).register_forward_hook(
-            lambda m, a, out, l=l: clean_mlp.__setitem__(l, out[0, last].clone())) for l in range(n_layers)]
+            lambda m, a, out, l=l, kept=clean_mlp, at=last: kept.__setitem__(l, out[0, at].clone()))
+            for l in range(n_layers)]
         try:
             logits = model(input_ids=x, logits_to_keep=1).logits[0, -1].float()
         finally:
@@ -79,12 +83,13 @@ def trace(model, tok, arch, records, noise: float, samples: int, window: int, se
         for l in range(n_layers):
             restore_at[samples * (1 + l): samples * (2 + l)] = l
 
-        def corrupt(m, a, out):
+        def corrupt(m, a, out, first=first, last=last, noise_rows=noise_rows):
             out = out.clone()
             out[:, first:last + 1] += noise_rows.to(out.dtype)
             return out
 
-        def restorer(l):
+
+        def restorer(l, restore_at=restore_at, last=last, clean_mlp=clean_mlp):
             def hook(m, a, out):
                 take = (restore_at <= l) & (restore_at > l - window) & (restore_at >= 0)  # rows restoring layer l
                 if not take.any():
@@ -93,6 +98,7 @@ def trace(model, tok, arch, records, noise: float, samples: int, window: int, se
                 out[take, last] = clean_mlp[l].to(out.dtype)
                 return out
             return hook
+
 
         hooks = [emb.register_forward_hook(corrupt)]
         hooks += [model.get_submodule(arch.mlp_out_name(l)).register_forward_hook(restorer(l)) for l in range(n_layers)]
@@ -107,7 +113,14 @@ def trace(model, tok, arch, records, noise: float, samples: int, window: int, se
         if drop < 0.2 * p_clean or drop <= 0:
             continue
         effects.append(((per_layer - p_corrupt) / drop).tolist())
-        kept.append({"id": rec.id, "answer": tok.decode([answer]), "p_clean": round(p_clean, 4), "p_corrupt": round(p_corrupt, 4)})
+        kept.append(
+            {
+                "id": rec.id,
+                "answer": tok.decode([answer]),
+                "p_clean": round(p_clean, 4),
+                "p_corrupt": round(p_corrupt, 4),
+            }
+        )
     mean = torch.tensor(effects).mean(0).tolist() if effects else []
     return {"records_kept": kept, "noise_std": round(std * noise, 4), "window": window, "samples": samples,
             "indirect_effect": [round(v, 4) for v in mean],
@@ -115,9 +128,9 @@ def trace(model, tok, arch, records, noise: float, samples: int, window: int, se
 
 
 def rome_sweep(model, tok, arch, records, layers: list[int], solve_overrides: dict) -> list[dict]:
-    from mke_lightning.editor import KnowledgeEditor
-    from mke_lightning.evaluation import EditEvaluator, build_items
-    from mke_lightning.methods.locate_edit import SolveConfig
+    from mke_lightning.editing.editor import KnowledgeEditor
+    from mke_lightning.editing.methods.locate_edit import SolveConfig
+    from mke_lightning.evaluation.evaluator import EditEvaluator, build_items
 
     ev = EditEvaluator(tok)
     items = {r.id: build_items(r, ["en"], ("reliability", "generality", "locality")) for r in records}
@@ -145,9 +158,9 @@ def time_methods(model, tok, arch, records, configs: list[str], stub_stats: bool
     """Seconds per edit (wall and process CPU) of each config's method, the statistics already in memory."""
     import yaml
 
-    from mke_lightning.editor import KnowledgeEditor
-    from mke_lightning.key_statistics import KeyStatistics, KeyStatsConfig
-    from mke_lightning.methods.locate_edit import SolveConfig
+    from mke_lightning.editing.editor import KnowledgeEditor
+    from mke_lightning.editing.key_statistics import KeyStatistics, KeyStatsConfig
+    from mke_lightning.editing.methods.locate_edit import SolveConfig
 
     out = {}
     for path in configs:
@@ -158,7 +171,9 @@ def time_methods(model, tok, arch, records, configs: list[str], stub_stats: bool
         ed.causal_lm, ed.tokenizer, ed.arch = model, tok, arch
         if stub_stats:  # the cost of a solve does not depend on C's values
             d_ff = ed.method_impl.weight(solve["layers"][0]).shape[1]
-            ed.method_impl._stats = KeyStatistics({l: torch.eye(d_ff) for l in solve["layers"]}, {l: 1 for l in solve["layers"]})
+            ed.method_impl._stats = KeyStatistics(
+                {l: torch.eye(d_ff) for l in solve["layers"]}, {l: 1 for l in solve["layers"]}
+            )
         t0 = time.perf_counter()
         ed.method_impl.statistics()
         ed.method_impl.contexts()
@@ -172,7 +187,10 @@ def time_methods(model, tok, arch, records, configs: list[str], stub_stats: bool
             steps.append(o.steps)
             p_new.append(o.p_new)
             ed.restore()
-        med = lambda v: round(sorted(v)[len(v) // 2], 2)
+
+        def med(v):
+            return round(sorted(v)[len(v) // 2], 2)
+
         out[model_cfg["method"]] = {"first_edit_s": round(wall[0], 2), "median_s": med(wall[1:] or wall),
                                     "median_cpu_s": med(cpu[1:] or cpu), "median_steps": med(steps),
                                     "median_p_new": med(p_new), "setup_s": round(setup, 2), "stub_stats": stub_stats}
@@ -188,7 +206,9 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=4, help="noise draws per record")
     p.add_argument("--window", type=int, default=1, help="layers restored together: l and the window - 1 above it")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rome", type=int, nargs="*", default=[], help="layers of a single-layer ROME sweep (needs key statistics)")
+    p.add_argument(
+        "--rome", type=int, nargs="*", default=[], help="layers of a single-layer ROME sweep (needs key statistics)"
+    )
     p.add_argument("--sweep-records", type=int, default=None, help="records of the ROME sweep (default: --records)")
     p.add_argument("--time", nargs="*", default=[], help="configs (YAML) whose method to time per edit on the records")
     p.add_argument("--stub-stats", action="store_true", help="time with C = I instead of the cached statistics")

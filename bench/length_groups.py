@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from mke_lightning.data.mzsre import read_mzsre
-from mke_lightning.editor import EditLossConfig, KnowledgeEditor
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.scoring import encode_prompt, grouped_target_logits, pack_groups, row_logprobs
+from mke_lightning.editing.editor import EditLossConfig, KnowledgeEditor
+from mke_lightning.modeling.forward import encode_prompt, grouped_target_logits, pack_groups, row_logprobs
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 LANGS = ["en", "cs", "de", "nl", "es", "fr", "pt", "ru", "th", "tr", "vi", "zh"]
@@ -52,8 +52,17 @@ def fixed_cost(model, z, passes: int) -> dict:
         for _ in range(passes):
             ys.append(timed_pass(model, grouped, [[9]] * b, z))
             xs.append([1.0, b * t, b])
-    a, per_pos, per_row = torch.linalg.lstsq(torch.tensor(xs, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64).unsqueeze(-1)).solution.flatten().tolist()
-    return {"pass_s": round(a, 4), "position_s": round(per_pos, 5), "row_s": round(per_row, 5), "pass_in_positions": round(a / per_pos, 1)}
+    a, per_pos, per_row = (
+        torch.linalg.lstsq(torch.tensor(xs, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64).unsqueeze(-1))
+        .solution.flatten()
+        .tolist()
+    )
+    return {
+        "pass_s": round(a, 4),
+        "position_s": round(per_pos, 5),
+        "row_s": round(per_row, 5),
+        "pass_in_positions": round(a / per_pos, 1),
+    }
 
 
 def main() -> None:
@@ -67,7 +76,11 @@ def main() -> None:
     torch.manual_seed(0)
     model, tok, arch = load_causal_lm(ModelConfig())
     model.eval()
-    ed = KnowledgeEditor(method="lafn", train_languages=LANGS, loss=EditLossConfig(true_weight=0.0, kl_weight=1.0, anchor_languages=ANCHORS))
+    ed = KnowledgeEditor(
+        method="lafn",
+        train_languages=LANGS,
+        loss=EditLossConfig(true_weight=0.0, kl_weight=1.0, anchor_languages=ANCHORS),
+    )
     ed.causal_lm, ed.tokenizer, ed.arch = model, tok, arch
     anchors = [encode_prompt(tok, p) for p in ed._anchors()]
     z = torch.zeros(model.config.hidden_size, requires_grad=True)  # [d_model]: the backward reaches layer 0
@@ -88,22 +101,36 @@ def main() -> None:
             one_s.append(a)
             grouped_s.append(b)
             ratios.append(b / a)
-            rows_out.append({
-                "record": record.id, "rows": len(rows),
-                "positions": sum(len(r) + len(t) - 1 for r, t in zip(rows, tgts)),
-                "padded_one": sum(x.input_ids.numel() for x in one.batches),
-                "padded_grouped": sum(x.input_ids.numel() for x in grouped.batches), "passes_grouped": len(grouped.batches),
-                "one_batch_s": round(a, 3), "grouped_s": round(b, 3), "ratio": round(b / a, 3),
-            })
+            rows_out.append(
+                {
+                    "record": record.id,
+                    "rows": len(rows),
+                    "positions": sum(len(r) + len(t) - 1 for r, t in zip(rows, tgts)),
+                    "padded_one": sum(x.input_ids.numel() for x in one.batches),
+                    "padded_grouped": sum(x.input_ids.numel() for x in grouped.batches),
+                    "passes_grouped": len(grouped.batches),
+                    "one_batch_s": round(a, 3),
+                    "grouped_s": round(b, 3),
+                    "ratio": round(b / a, 3),
+                }
+            )
             print(json.dumps(rows_out[-1]), flush=True)
         fit = fixed_cost(model, z, args.passes)
     finally:
         hook.remove()
-    print(json.dumps({
-        "threads": torch.get_num_threads(), "records": len(ratios),
-        "median_one_batch_s": round(statistics.median(one_s), 3), "median_grouped_s": round(statistics.median(grouped_s), 3),
-        "median_ratio": round(statistics.median(ratios), 3), "fit": fit,
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "threads": torch.get_num_threads(),
+                "records": len(ratios),
+                "median_one_batch_s": round(statistics.median(one_s), 3),
+                "median_grouped_s": round(statistics.median(grouped_s), 3),
+                "median_ratio": round(statistics.median(ratios), 3),
+                "fit": fit,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

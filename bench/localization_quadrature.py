@@ -8,7 +8,7 @@ all layers at once, zero baseline, ``memory_budget_mb: 1024``, threshold 0.3,
 cross languages en, zh, fr, language fraction 1.0, edit language en, every
 paraphrase), except the rule and its number of points. The reference is the
 authors' path: ``right_riemann`` with 20 points. Every record is localised
-once per setting with :func:`~mke_lightning.localization.locate` (the whole
+once per setting with :func:`~mke_lightning.localization.locate.locate` (the whole
 localisation: prompts, old answers, answer rows, attribution, selection), the
 settings in a different order for each record so that the load of a shared
 machine falls on all of them alike.
@@ -36,12 +36,12 @@ from dataclasses import replace
 
 import torch
 
-from mke_lightning.attribution import QUADRATURES, AttributionConfig
 from mke_lightning.data.mzsre import MzsreParser
 from mke_lightning.data.source import RecordSource
-from mke_lightning.localization import LocalizationConfig, locate
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.neurons import NeuronMask
+from mke_lightning.localization.attribution import QUADRATURES, AttributionConfig
+from mke_lightning.localization.locate import LocalizationConfig, locate
+from mke_lightning.localization.neurons import NeuronMask
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 REFERENCE = "right_riemann:20"
 CATEGORIES = ("independent", "specific")
@@ -85,8 +85,11 @@ def main() -> None:
     ap.add_argument("--data", required=True, help="the MzsRE folder")
     ap.add_argument("--records", type=int, default=20)
     ap.add_argument("--start", type=int, default=0, help="first record index")
-    ap.add_argument("--candidates", default="gauss_legendre:4,gauss_legendre:5,gauss_legendre:6,right_riemann:10,midpoint:6,trapezoid:6",
-                    help="comma-separated RULE:POINTS settings compared with the reference, right_riemann:20")
+    ap.add_argument(
+        "--candidates",
+        default="gauss_legendre:4,gauss_legendre:5,gauss_legendre:6,right_riemann:10,midpoint:6,trapezoid:6",
+        help="comma-separated RULE:POINTS settings compared with the reference, right_riemann:20",
+    )
     ap.add_argument("--memory-budget-mb", type=float, default=1024.0)
     args = ap.parse_args()
     candidates = [parse_setting(t) for t in args.candidates.split(",") if t]
@@ -98,14 +101,19 @@ def main() -> None:
                                       memory_budget_mb=args.memory_budget_mb),
         threshold=0.3, cross_languages=["en", "zh", "fr"], language_fraction=1.0,
     )
-    configs = {n: replace(base, attribution=replace(base.attribution, quadrature=r, steps=p)) for n, (r, p) in zip(names, settings)}
+    configs = {
+        n: replace(base, attribution=replace(base.attribution, quadrature=r, steps=p))
+        for n, (r, p) in zip(names, settings)
+    }
     langs = list(dict.fromkeys([*base.cross_languages, "en"]))
     source = RecordSource(MzsreParser(args.data, langs))
     records = list(itertools.islice(source, args.start, args.start + args.records))
 
     model, tok, arch = load_causal_lm(ModelConfig())
     counter = PassCounter(model)
-    locate(model, tok, arch, records[0], "en", replace(base, attribution=replace(base.attribution, steps=2)))  # warm-up, not counted
+    locate(
+        model, tok, arch, records[0], "en", replace(base, attribution=replace(base.attribution, steps=2))
+    )  # warm-up, not counted
     counter.take()
 
     seconds = {n: [] for n in names}
@@ -126,13 +134,18 @@ def main() -> None:
             masks[n].append(done[n])
         ref = done[names[0]]
         line = ", ".join(
-            f"{n} {seconds[n][-1]:.2f}s J=" + "/".join(f"{jaccard(neuron_set(ref, c), neuron_set(done[n], c)):.3f}" for c in CATEGORIES)
+            f"{n} {seconds[n][-1]:.2f}s J="
+            + "/".join(f"{jaccard(neuron_set(ref, c), neuron_set(done[n], c)):.3f}" for c in CATEGORIES)
             for n in names[1:]
         )
-        print(f"{record.id}: reference {seconds[names[0]][-1]:.2f}s, {ref.count('independent')}+{ref.count('specific')} neurons; {line}", flush=True)
+        print(
+            f"{record.id}: reference {seconds[names[0]][-1]:.2f}s, "
+            f"{ref.count('independent')}+{ref.count('specific')} neurons; {line}",
+            flush=True,
+        )
 
     # IG rows per record: (prompt, answer token) rows x points, counted from each record's prompts and old answers.
-    from mke_lightning.localization import localisation_prompts, old_answers
+    from mke_lightning.localization.locate import localisation_prompts, old_answers
 
     for record in records:
         entries, _ = localisation_prompts(tok, record, langs, base)
@@ -157,7 +170,9 @@ def main() -> None:
         "candidates": {},
     }
     for n in names[1:]:
-        per_cat = {c: [jaccard(neuron_set(a, c), neuron_set(b, c)) for a, b in zip(masks[ref], masks[n])] for c in CATEGORIES}
+        per_cat = {
+            c: [jaccard(neuron_set(a, c), neuron_set(b, c)) for a, b in zip(masks[ref], masks[n])] for c in CATEGORIES
+        }
         med = statistics.median(seconds[n])
         report["candidates"][n] = {
             "mean_jaccard": round(statistics.mean(per_cat["independent"] + per_cat["specific"]), 4),
@@ -170,7 +185,9 @@ def main() -> None:
             "model_passes_speedup": round(statistics.median(passes[ref]) / statistics.median(passes[n]), 2),
             "median_s_per_record": round(med, 2),
             "wall_speedup": round(ref_med / med, 2),
-            "median_per_record_wall_speedup": round(statistics.median(r / c for r, c in zip(seconds[ref], seconds[n])), 2),
+            "median_per_record_wall_speedup": round(
+                statistics.median(r / c for r, c in zip(seconds[ref], seconds[n])), 2
+            ),
         }
     print(json.dumps(report, indent=2))
 

@@ -26,10 +26,17 @@ import time
 
 import torch
 
-from mke_lightning.attribution import AttributionConfig, attribute_rows, attribute_rows_loop
 from mke_lightning.data import demo_records
-from mke_lightning.localization import LocalizationConfig, answer_rows, localisation_prompts, old_answers, select, sum_per_prompt
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
+from mke_lightning.localization.attribution import AttributionConfig, attribute_rows, attribute_rows_loop
+from mke_lightning.localization.locate import (
+    LocalizationConfig,
+    answer_rows,
+    localisation_prompts,
+    old_answers,
+    select_neurons,
+    sum_per_prompt,
+)
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 
 def main() -> None:
@@ -44,7 +51,9 @@ def main() -> None:
     langs = args.languages.split(",")
 
     model, tok, arch = load_causal_lm(ModelConfig())
-    attr = AttributionConfig(steps=args.steps, ig_path=args.ig_path, baseline=args.baseline, memory_budget_mb=args.memory_budget_mb)
+    attr = AttributionConfig(
+        steps=args.steps, ig_path=args.ig_path, baseline=args.baseline, memory_budget_mb=args.memory_budget_mb
+    )
     cfg = LocalizationConfig(attribution=attr, cross_languages=langs, max_paraphrases=1)
     kw = dict(eos_id=tok.eos_token_id, skip_first=tok.bos_token_id is not None)
     times: dict[str, list[float]] = {"prepare": [], "batched": [], "loop": []}
@@ -64,17 +73,21 @@ def main() -> None:
 
         t = time.perf_counter()
         batched = attribute_rows(model, arch, rows, targets, attr, pad_id=tok.pad_token_id, **kw)
-        select(sum_per_prompt(batched, owner, len(prompts)), cfg)
+        select_neurons(sum_per_prompt(batched, owner, len(prompts)), cfg)
         times["batched"].append(time.perf_counter() - t)
 
         t = time.perf_counter()
         loop = attribute_rows_loop(model, arch, rows, targets, attr, **kw)
-        select(sum_per_prompt(loop, owner, len(prompts)), cfg)
+        select_neurons(sum_per_prompt(loop, owner, len(prompts)), cfg)
         times["loop"].append(time.perf_counter() - t)
 
         max_diff = max(max_diff, float((batched - loop).abs().max()))
         peak = max(peak, float(loop.abs().max()))
-        print(f"{record.id}: {len(prompts)} prompts, {len(rows)} rows; batched {times['batched'][-1]:.2f}s, loop {times['loop'][-1]:.2f}s", flush=True)
+        print(
+            f"{record.id}: {len(prompts)} prompts, {len(rows)} rows; "
+            f"batched {times['batched'][-1]:.2f}s, loop {times['loop'][-1]:.2f}s",
+            flush=True,
+        )
 
     med = {k: statistics.median(v) for k, v in times.items()}
     report = {

@@ -21,7 +21,7 @@ import re
 import statistics
 from pathlib import Path
 
-from mke_lightning.neurons import CATEGORIES, NeuronMask
+from mke_lightning.localization.neurons import CATEGORIES, NeuronMask
 
 
 def pairs(mask: NeuronMask, category: str) -> set[tuple[int, int]]:

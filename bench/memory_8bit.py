@@ -50,13 +50,13 @@ def reset_peak() -> None:
 def run_child(variant: str, mzsre: str, steps: int) -> dict:
     import torch
 
-    from mke_lightning.attribution import AttributionConfig
     from mke_lightning.data import read_mzsre
-    from mke_lightning.editor import EditLossConfig, KnowledgeEditor
-    from mke_lightning.evaluation import EditEvaluator, build_items
-    from mke_lightning.localization import LocalizationConfig, locate
-    from mke_lightning.masked_lora import LoRAConfig
-    from mke_lightning.model_loading import ModelConfig, load_causal_lm
+    from mke_lightning.editing.editor import EditLossConfig, KnowledgeEditor
+    from mke_lightning.editing.masked_lora import LoRAConfig
+    from mke_lightning.evaluation.evaluator import EditEvaluator, build_items
+    from mke_lightning.localization.attribution import AttributionConfig
+    from mke_lightning.localization.locate import LocalizationConfig, locate
+    from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
     imports = peak_mib()
     t0 = time.perf_counter()
@@ -67,9 +67,14 @@ def run_child(variant: str, mzsre: str, steps: int) -> dict:
     reset_peak()
     after_load = _status_mib("VmRSS")
     record = read_mzsre(mzsre, ["en", "zh", "fr"])[0]
-    mask = locate(model, tok, arch, record, "en", LocalizationConfig(attribution=AttributionConfig(method="grad_x_act")))
-    ed = KnowledgeEditor(lora=LoRAConfig(merge_scale=1.0), loss=EditLossConfig(max_steps=steps, stop_loss=0.0, stop_prob=1.1),
-                         optimizer=lambda p: torch.optim.Adam(p, lr=5e-3))
+    mask = locate(
+        model, tok, arch, record, "en", LocalizationConfig(attribution=AttributionConfig(method="grad_x_act"))
+    )
+    ed = KnowledgeEditor(
+        lora=LoRAConfig(merge_scale=1.0),
+        loss=EditLossConfig(max_steps=steps, stop_loss=0.0, stop_prob=1.1),
+        optimizer=lambda p: torch.optim.Adam(p, lr=5e-3),
+    )
     ed.causal_lm, ed.tokenizer, ed.arch = model, tok, arch
     ev = EditEvaluator(tok)
     items = build_items(record, ["en"])
@@ -97,14 +102,26 @@ def main() -> None:
         return
     results = []
     for variant in args.variants:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--mzsre", args.mzsre, "--steps", str(args.steps)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child",
+            variant,
+            "--mzsre",
+            args.mzsre,
+            "--steps",
+            str(args.steps),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode or not line:
             sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
         results.append(json.loads(line[-1][7:]))
     base = next((r for r in results if r["variant"] == "fp32"), None)
-    print("| variant | model MiB | peak RSS loading MiB | peak RSS editing MiB | editing vs fp32 | reliability | steps | seconds |")
+    print(
+        "| variant | model MiB | peak RSS loading MiB | peak RSS editing MiB | editing vs fp32 "
+        "| reliability | steps | seconds |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         vs = "-" if base is None or r is base else f"{r['edit_peak_mib'] / base['edit_peak_mib'] - 1:+.0%}"

@@ -28,15 +28,15 @@ from pathlib import Path
 
 import torch
 
-from mke_lightning.attribution import AttributionConfig
-from mke_lightning.background import usual_activity
 from mke_lightning.data.mzsre import read_mzsre
-from mke_lightning.editor import EditLossConfig, KnowledgeEditor
-from mke_lightning.localization import LocalizationConfig, locate
-from mke_lightning.masked_lora import LoRAConfig
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.scoring import grouped_target_logits, pack_groups, row_logprobs
-from mke_lightning.value_update import ValueUpdateConfig
+from mke_lightning.editing.editor import EditLossConfig, KnowledgeEditor
+from mke_lightning.editing.masked_lora import LoRAConfig
+from mke_lightning.editing.value_update import ValueUpdateConfig
+from mke_lightning.localization.attribution import AttributionConfig
+from mke_lightning.localization.background import usual_activity
+from mke_lightning.localization.locate import LocalizationConfig, locate
+from mke_lightning.modeling.forward import grouped_target_logits, pack_groups, row_logprobs
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,26 +46,36 @@ METHODS = {
     "lora": dict(method="lora", lora=LoRAConfig(merge_scale=1.0, rank=8), lr=5e-3),
     "ft_l": dict(method="ft_l", values=ValueUpdateConfig(layers=[12], max_abs=5e-3), lr=1e-3),
     # as configs/mzsre/lafn.yaml: no P(old) term, KL on 4 anchor prompts in each of 6 languages
-    "lafn": dict(method="lafn", loss=EditLossConfig(true_weight=0.0, kl_weight=1.0, anchor_languages=["en", "de", "fr", "es", "ru", "zh"]), lr=1e-2),
+    "lafn": dict(
+        method="lafn",
+        loss=EditLossConfig(true_weight=0.0, kl_weight=1.0, anchor_languages=["en", "de", "fr", "es", "ru", "zh"]),
+        lr=1e-2,
+    ),
 }
 
 
 def bare_passes(ed: KnowledgeEditor, record, layers: list[int], steps: int, backwards: int) -> float:
-    """Seconds for ``steps`` forwards and ``backwards`` backwards on the edit's batch, with nothing of the editor's in the loop."""
+    """Seconds for ``steps`` forwards and ``backwards`` backwards on the edit's batch, with nothing of the editor's
+    in the loop."""
     model, cfg = ed.causal_lm, ed.loss_config
     prompts, targets, units = ed._rows([record])
     anchors = ed.anchors.ids if cfg.kl_weight > 0 else []  # the KL rows, as the editor's step has them
     batch = pack_groups(prompts + anchors, targets + [[0]] * len(anchors), ed.tokenizer.pad_token_id, cfg.length_groups)
     d_model = model.config.hidden_size
     z = torch.zeros(d_model, requires_grad=True)  # [d_model]: where the backward must reach
-    hooks = [model.get_submodule(ed.arch.mlp_out_name(l)).register_forward_hook(lambda m, a, out: out + z) for l in layers]
+    hooks = [
+        model.get_submodule(ed.arch.mlp_out_name(l)).register_forward_hook(lambda m, a, out: out + z) for l in layers
+    ]
     try:
         start = time.perf_counter()
         for step in range(steps):
             logits = grouped_target_logits(model, batch)  # per row: the head on target positions only, as the editor
             lp = row_logprobs(logits[: len(targets)], targets)
-            loss = sum(cfg.new_weight * (-lp[i].sum() / len(targets[i])) + (cfg.true_weight * lp[j].sum().exp() if j is not None else 0)
-                       for _, i, j in units) / len(units)
+            loss = sum(
+                cfg.new_weight * (-lp[i].sum() / len(targets[i]))
+                + (cfg.true_weight * lp[j].sum().exp() if j is not None else 0)
+                for _, i, j in units
+            ) / len(units)
             if anchors:
                 loss = loss + cfg.kl_weight * ed.anchor_kl(torch.cat(logits[len(targets):]))  # [A, V] in
             if step < backwards:
@@ -90,11 +100,22 @@ def main() -> None:
     model, tok, arch = load_causal_lm(ModelConfig())
     records = read_mzsre(args.data, langs)[: args.edits]
     memla_loc = LocalizationConfig(attribution=AttributionConfig(steps=10))
-    lafn_loc = LocalizationConfig(attribution=AttributionConfig(method="activation"), threshold=None, top_k=500,  # configs/mzsre/lafn.yaml
-                                  cross_languages=langs, prompt_fraction=0.5, templates=["Q: {prompt} A:"], relative_to_background=True)
-    masks = {r.id: locate(model, tok, arch, r, "en", memla_loc) for r in records} if set(args.methods) - {"lafn"} else {}
+    lafn_loc = LocalizationConfig(
+        attribution=AttributionConfig(method="activation"),
+        threshold=None,
+        top_k=500,  # configs/mzsre/lafn.yaml
+        cross_languages=langs,
+        prompt_fraction=0.5,
+        templates=["Q: {prompt} A:"],
+        relative_to_background=True,
+    )
+    masks = (
+        {r.id: locate(model, tok, arch, r, "en", memla_loc) for r in records} if set(args.methods) - {"lafn"} else {}
+    )
     usual = usual_activity(model, tok, arch, None) if "lafn" in args.methods else None
-    lafn_masks = {r.id: locate(model, tok, arch, r, "en", lafn_loc, usual) for r in records} if "lafn" in args.methods else {}
+    lafn_masks = (
+        {r.id: locate(model, tok, arch, r, "en", lafn_loc, usual) for r in records} if "lafn" in args.methods else {}
+    )
 
     report = {}
     for name in args.methods:

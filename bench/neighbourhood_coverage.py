@@ -11,7 +11,7 @@ first ``--limit``, the pool a run of that many records draws from):
   placeholder, equals another record's (the question asked about another
   subject by the benchmark itself);
 * ``with neighbours``: records with at least one neighbourhood prompt under
-  the measure's rule (mke_lightning/neighbourhood.py), the mean number of
+  the measure's rule (mke_lightning/evaluation/neighbourhood.py), the mean number of
   prompts per record, and how many came from each source (``template``,
   ``subject``, ``edit_template``).
 """
@@ -23,7 +23,7 @@ import time
 from collections import Counter
 
 from mke_lightning.data import read_mzsre
-from mke_lightning.neighbourhood import SOURCES, NeighbourhoodConfig, NeighbourPool, template_of
+from mke_lightning.evaluation.neighbourhood import SOURCES, NeighbourhoodConfig, NeighbourPool, template_of
 
 MZSRE_LANGUAGES = ["en", "cs", "de", "es", "fr", "nl", "pt", "ru", "th", "tr", "vi", "zh"]
 
@@ -57,7 +57,10 @@ def main() -> None:
         lines.append([lang, f"{placed}/{n}", f"{shared}/{n}", f"{sum(bool(g) for g in got)}/{n}",
                       f"{sum(map(len, got)) / n:.2f}", *(str(sources[s]) for s in SOURCES)])
     widths = [max(len(r[i]) for r in [head, *lines]) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))
+
+    def fmt(r):
+        return "  ".join(c.rjust(w) for c, w in zip(r, widths))
+
     print("\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)]))
 
 

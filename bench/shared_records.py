@@ -20,7 +20,8 @@ PROTOCOLS = ("token_acc", "gen_em")
 
 
 def read_rows(path: Path, missing_ok: bool = False) -> list[dict]:
-    """The rows of a run's CSV file (``edits.csv``, ``perplexity.csv``, ...); none if ``missing_ok`` and it is absent."""
+    """The rows of a run's CSV file (``edits.csv``, ``perplexity.csv``, ...); none if ``missing_ok`` and it is
+    absent."""
     if missing_ok and not path.exists():
         return []
     with path.open(newline="", encoding="utf-8") as f:
@@ -54,7 +55,10 @@ def main() -> None:
                 by_record.setdefault(r["record_id"], []).append(float(r["ratio"]))
         ppl[run] = {rid: statistics.median(v) for rid, v in by_record.items()}
     for rid in sorted(set.intersection(*(set(p) for p in ppl.values())), key=lambda x: (len(x), x)):
-        print(f"perplexity ratio after {rid} (median over languages): " + " | ".join(f"{ppl[run][rid]:.3g}" for run in args.runs))
+        print(
+            f"perplexity ratio after {rid} (median over languages): "
+            + " | ".join(f"{ppl[run][rid]:.3g}" for run in args.runs)
+        )
 
 
 if __name__ == "__main__":

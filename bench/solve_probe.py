@@ -21,10 +21,10 @@ import torch
 import yaml
 
 from mke_lightning.data import read_mzsre
-from mke_lightning.editor import KnowledgeEditor
-from mke_lightning.evaluation import EditEvaluator, build_items
-from mke_lightning.methods.locate_edit import SolveConfig
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
+from mke_lightning.editing.editor import KnowledgeEditor
+from mke_lightning.editing.methods.locate_edit import SolveConfig
+from mke_lightning.evaluation.evaluator import EditEvaluator, build_items
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 
 def records_of(spec: str) -> list[int]:
@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
             rows = ev.score(model, items, refs)
             ed.restore()
             got = {m: min(r["token_acc"] for r in rows if r["measure"] == m) for m in ("reliability", "locality")}
-            cells.append(f"{i}: p {out.p_new:.2f} rel {got['reliability']:.2f} loc {got['locality']:.2f} {seconds:.0f}s")
+            cells.append(f"{i}: p {out.p_new:.2f} rel {got['reliability']:.2f} loc {got['locality']:.2f} "
+                         f"{seconds:.0f}s")
         print(name, " | ".join(cells), flush=True)
 
 

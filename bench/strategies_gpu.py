@@ -102,7 +102,7 @@ def run_child(args: argparse.Namespace) -> dict:
 
     from mke_lightning.cli import MKECLI
     from mke_lightning.data import EditDataModule
-    from mke_lightning.editor import KnowledgeEditor
+    from mke_lightning.editing.editor import KnowledgeEditor
 
     clock = Clock()
     t0 = time.perf_counter()
@@ -137,7 +137,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", required=True, help="folder of a Hugging Face tokenizer")
     ap.add_argument("--arch", default="llama3-8b", choices=sorted(ARCHITECTURES))
-    ap.add_argument("--int8-model", help="folder with weights for the int8 variant (default: the random model, saved once)")
+    ap.add_argument(
+        "--int8-model", help="folder with weights for the int8 variant (default: the random model, saved once)"
+    )
     ap.add_argument("--edits", type=int, default=8)
     ap.add_argument("--variants", nargs="+", default=["gpu_bf16", "zero2", "zero3", "int8"])
     ap.add_argument("--out", default=None)
@@ -172,7 +174,8 @@ def main() -> None:
                 Path(args.out).write_text(json.dumps(results, indent=1))
             print(
                 f"{variant:9s} edits {r['edits']}  build+setup {r['build_and_setup_s']:.1f} s  "
-                f"localise {r['localisation_s_per_edit']:.2f} s/edit  edit+eval {r['edit_and_eval_s_median']:.2f} s/edit  "
+                f"localise {r['localisation_s_per_edit']:.2f} s/edit  "
+                f"edit+eval {r['edit_and_eval_s_median']:.2f} s/edit  "
                 f"optimise {r['optimisation_s_median']:.2f} s/edit ({r['steps_median']:.0f} steps)  "
                 f"peak {r['peak_allocated_gib']:.2f} GiB alloc / {r['peak_reserved_gib']:.2f} GiB reserved",
                 flush=True,

@@ -44,7 +44,9 @@ def record(i: int) -> dict:
         "target_true": f"Town {i % 991}",
         "paraphrases": [f"[{lang}] Company {i} has its headquarters in"],
         "locality": [{"prompt": f"[{lang}] The river through city {i % 89} is", "answer": f"River {i % 89}"}],
-        "portability": [{"prompt": f"[{lang}] The country of company {i}'s headquarters is", "answer": f"Country {i % 53}"}],
+        "portability": [
+            {"prompt": f"[{lang}] The country of company {i}'s headquarters is", "answer": f"Country {i % 53}"}
+        ],
     }
     return {"id": f"syn-{i}", "languages": {lang: block(lang) for lang in langs}}
 
@@ -71,7 +73,9 @@ def peak_rss_mib(code: str, *args: str) -> tuple[float, float, int]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", type=int, default=2000, help="records in the 1x file")
-    parser.add_argument("--factors", type=int, nargs="+", default=[10, 100], help="file sizes to read, as multiples of --base")
+    parser.add_argument(
+        "--factors", type=int, nargs="+", default=[10, 100], help="file sizes to read, as multiples of --base"
+    )
     args = parser.parse_args(argv)
     factors = sorted(args.factors)
     with tempfile.TemporaryDirectory() as folder:

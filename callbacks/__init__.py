@@ -1,7 +1,7 @@
 """Lightning callbacks of mke-lightning (installed as ``mke_lightning.callbacks``).
 
 The localisation and evaluation callbacks work on any LightningModule that
-offers a causal LM and its tokenizer (see ``_protocol.py``); the checkpoint
+offers a causal LM and its tokenizer (see ``module_access.py``); the checkpoint
 callback saves a run's progress every K edits.
 """
 

@@ -125,7 +125,8 @@ def checkpoint_problem(path: str | os.PathLike[str]) -> str | None:
 
             torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:  # noqa: BLE001 - any failure to read means the same to the user
-            return f"it is not a readable checkpoint ({size} bytes; {type(err).__name__}: {err}); it was probably cut short"
+            return (f"it is not a readable checkpoint ({size} bytes; {type(err).__name__}: {err}); "
+                    "it was probably cut short")
         return None
     try:
         with zipfile.ZipFile(path) as archive:
@@ -140,7 +141,9 @@ def checkpoint_problem(path: str | os.PathLike[str]) -> str | None:
 def check_checkpoint(path: str | os.PathLike[str]) -> None:
     """Raise :class:`CheckpointError` naming ``path`` and what to do when it is not a whole checkpoint."""
     if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {os.fspath(path)} does not exist; check --ckpt_path, or leave it out to start afresh")
+        raise CheckpointError(
+            f"checkpoint {os.fspath(path)} does not exist; check --ckpt_path, or leave it out to start afresh"
+        )
     problem = checkpoint_problem(path)
     if problem is not None:
         raise CheckpointError(

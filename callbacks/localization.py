@@ -8,18 +8,19 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from mke_lightning.architectures import mlp_out_modules
-from mke_lightning.callbacks._protocol import causal_lm_of, languages_of, masks_of, records_of
-from mke_lightning.localization import LocalizationConfig
-from mke_lightning.localization_report import summarize, write_summary
-from mke_lightning.collectives import rank_and_world
-from mke_lightning.localization_stage import StageResult, localize_records
-from mke_lightning.neuron_cache import MaskCache, model_fingerprint, settings_key
-from mke_lightning.neurons import NeuronMask
+from mke_lightning.callbacks.module_access import causal_lm_of, languages_of, masks_of, records_of
+from mke_lightning.localization.cache import MaskCache, model_fingerprint, settings_key
+from mke_lightning.localization.locate import LocalizationConfig
+from mke_lightning.localization.neurons import NeuronMask
+from mke_lightning.localization.stage import StageResult, localize_records
+from mke_lightning.modeling.architectures import mlp_out_modules
+from mke_lightning.modeling.collectives import rank_and_world
+from mke_lightning.reporting.localization import summarize, write_summary
+from mke_lightning.reporting.run_settings import run_settings
 
 
 class NeuronLocalization(L.Callback):
-    """Before fit, computes a :class:`~mke_lightning.neurons.NeuronMask` per record.
+    """Before fit, computes a :class:`~mke_lightning.localization.neurons.NeuronMask` per record.
 
     The records are split across ranks; each rank localises its share, writes
     one mask file per record into the cache as it goes, and the masks are
@@ -37,8 +38,8 @@ class NeuronLocalization(L.Callback):
     whose model (fingerprint), settings or records differ from the
     checkpoint's stops with an error that names the difference.
 
-    Works on any LightningModule that offers the small protocol described in
-    :mod:`mke_lightning.callbacks._protocol` (``causal_lm`` or
+    Works on any LightningModule that offers the few attributes listed in
+    :mod:`mke_lightning.callbacks.module_access` (``causal_lm`` or
     ``get_causal_lm()``, and ``tokenizer``).
     """
 
@@ -55,7 +56,8 @@ class NeuronLocalization(L.Callback):
         Args:
             settings: attribution method, selection, categories (see LocalizationConfig).
             cache: read and write masks in the on-disk cache (off: always compute, write nothing).
-            cache_dir: the cache root (default ``$MKE_CACHE_DIR/neuron-masks`` or ``~/.cache/mke-lightning/neuron-masks``).
+            cache_dir: the cache root (default ``$MKE_CACHE_DIR/neuron-masks`` or
+                ``~/.cache/mke-lightning/neuron-masks``).
             output_dir: where the summary JSON and plots go (default ``<log dir>/localization``; none without a logger).
             plots: write the PNG plots beside the summary.
             fingerprint: the model's identity in the cache key (default: computed from its config and weights).
@@ -78,6 +80,7 @@ class NeuronLocalization(L.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         # Lightning loads a checkpoint's state after this and before on_fit_start (but under DeepSpeed and FSDP)
         self._fit_started = False
+        run_settings(trainer).add("localization", lambda: asdict(self.settings))  # results.json: runs told apart
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._fit_started = True
@@ -93,7 +96,9 @@ class NeuronLocalization(L.Callback):
         if resume is not None:
             result = self._take_back(trainer, pl_module, resume, fingerprint, edit_lang)
         else:
-            result = self.localize(pl_module, trainer.datamodule, self._default_output(trainer), fingerprint=fingerprint)
+            result = self.localize(
+                pl_module, trainer.datamodule, self._default_output(trainer), fingerprint=fingerprint
+            )
         self._fit_state = {
             "fingerprint": fingerprint,
             "edit_language": edit_lang,
@@ -127,14 +132,23 @@ class NeuronLocalization(L.Callback):
         model.eval()
         try:
             result = localize_records(
-                model, tokenizer, arch, records, edit_lang, self.settings, cache=cache,
-                known={r.id: masks[r.id] for r in records if r.id in masks}, report=rank_zero_info if world == 1 else print,
+                model,
+                tokenizer,
+                arch,
+                records,
+                edit_lang,
+                self.settings,
+                cache=cache,
+                known={r.id: masks[r.id] for r in records if r.id in masks},
+                report=rank_zero_info if world == 1 else print,
             )
         finally:
             model.train(was_training)
         masks.update(result.masks)
         self.seconds.update(result.seconds)
-        rank_zero_info(f"localisation: {len(result.computed)} computed, {len(result.reused)} read from the cache on rank {rank}")
+        rank_zero_info(
+            f"localisation: {len(result.computed)} computed, {len(result.reused)} read from the cache on rank {rank}"
+        )
         self._summarize(result, model, arch, output_dir)
         return result
 
@@ -152,7 +166,7 @@ class NeuronLocalization(L.Callback):
 
         ``masks``: record id -> :meth:`NeuronMask.to_dict` for every record of the run (every rank's:
         the same on each rank), as the edits used them (after the busy-neuron filter);
-        ``fingerprint``: :func:`~mke_lightning.neuron_cache.model_fingerprint` of the model they were
+        ``fingerprint``: :func:`~mke_lightning.localization.cache.model_fingerprint` of the model they were
         located on, before any edit; ``settings`` and ``edit_language``: what decided them. Plain
         lists, dicts and strings: the checkpoint loads with ``weights_only``.
         """
@@ -178,7 +192,9 @@ class NeuronLocalization(L.Callback):
         now = settings_key(self.settings, edit_lang)
         if state.get("settings") != now:
             changed = _differences(state.get("settings") or {}, now)
-            problems.append(f"the localisation settings ({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''})")
+            problems.append(
+                f"the localisation settings ({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''})"
+            )
         saved = state.get("masks") or {}
         missing = [r.id for r in records_of(trainer.datamodule) if r.id not in saved]
         if missing:

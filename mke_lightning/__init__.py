@@ -7,28 +7,28 @@ The main classes import lazily from the top level::
 
 from importlib import import_module
 
-from mke_lightning import strategies  # registers ``--trainer.strategy ddp_editing``
+from mke_lightning.modeling import strategies  # registers ``--trainer.strategy ddp_editing``
 
 __version__ = "0.1.0"
 
 # name -> module that defines it; imported on first use (``import mke_lightning`` stays light)
 _LAZY = {
-    "KnowledgeEditor": "mke_lightning.editor",
-    "EditLossConfig": "mke_lightning.objective",
+    "KnowledgeEditor": "mke_lightning.editing.editor",
+    "EditLossConfig": "mke_lightning.editing.objective",
     "EditDataModule": "mke_lightning.data",
     "NeuronLocalization": "mke_lightning.callbacks",
     "EditEvaluation": "mke_lightning.callbacks",
     "EditCheckpoint": "mke_lightning.callbacks",
-    "ModelConfig": "mke_lightning.model_loading",
-    "load_causal_lm": "mke_lightning.model_loading",
-    "LoRAConfig": "mke_lightning.masked_lora",
-    "ValueUpdateConfig": "mke_lightning.value_update",
-    "LocalizationConfig": "mke_lightning.localization",
-    "NeuronMask": "mke_lightning.neurons",
-    "NeuronDelta": "mke_lightning.neuron_delta",
-    "EditMethod": "mke_lightning.methods",
-    "register_method": "mke_lightning.methods",
-    "load_edits": "mke_lightning.export",
+    "ModelConfig": "mke_lightning.modeling.loading",
+    "load_causal_lm": "mke_lightning.modeling.loading",
+    "LoRAConfig": "mke_lightning.editing.masked_lora",
+    "ValueUpdateConfig": "mke_lightning.editing.value_update",
+    "LocalizationConfig": "mke_lightning.localization.locate",
+    "NeuronMask": "mke_lightning.localization.neurons",
+    "NeuronDelta": "mke_lightning.editing.neuron_delta",
+    "EditMethod": "mke_lightning.editing.methods",
+    "register_method": "mke_lightning.editing.methods",
+    "load_edits": "mke_lightning.editing.export",
 }
 _RENAMED = {"register_method": "register"}
 

@@ -20,7 +20,7 @@ import sys
 from lightning.pytorch.cli import LightningCLI
 
 from mke_lightning.data import EditDataModule
-from mke_lightning.editor import KnowledgeEditor
+from mke_lightning.editing.editor import KnowledgeEditor
 from mke_lightning.trainer import MKETrainer
 
 
@@ -123,8 +123,8 @@ def error_message(err: BaseException) -> str:
     """The message of ``err`` for the user: our own errors speak for themselves; any other error
     is prefixed with its type (``RuntimeError: CUDA out of memory ...``)."""
     from mke_lightning.callbacks.checkpoint import CheckpointError
-    from mke_lightning.neurons import MaskError
-    from mke_lightning.records import RecordError
+    from mke_lightning.data.records import RecordError
+    from mke_lightning.localization.neurons import MaskError
 
     text = str(err).strip() or type(err).__name__
     if isinstance(err, (RecordError, MaskError, CheckpointError, ValueError, FileNotFoundError)):
@@ -135,17 +135,17 @@ def error_message(err: BaseException) -> str:
 def _main() -> None:
     argv = sys.argv[1:]
     if argv[:1] == ["report"]:
-        from mke_lightning.compare import report_main
+        from mke_lightning.reporting.compare import report_main
 
         report_main(argv[1:])
         return
     if argv[:1] == ["export"]:
-        from mke_lightning.export import export_main
+        from mke_lightning.editing.export import export_main
 
         export_main(argv[1:])
         return
     if argv[:1] == ["key-stats"]:
-        from mke_lightning.key_statistics import compute_main
+        from mke_lightning.editing.key_statistics import compute_main
 
         compute_main(argv[1:])
         return

@@ -15,7 +15,7 @@ import lightning as L
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 
-from mke_lightning.localization_stage import StageResult
+from mke_lightning.localization.stage import StageResult
 
 
 class MKETrainer(L.Trainer):
@@ -23,7 +23,7 @@ class MKETrainer(L.Trainer):
         """Only localise: compute and cache the neuron masks of the run's records.
 
         Args:
-            model: the LightningModule offering the causal LM (see mke_lightning.callbacks._protocol).
+            model: the LightningModule offering the causal LM (see mke_lightning.callbacks.module_access).
             datamodule: the DataModule whose ``records`` are localised.
         """
         launcher = self.strategy.launcher

@@ -37,9 +37,11 @@ def require_data(relative: str = "") -> Path:
     if path.exists():
         return path
     if os.environ.get(DATA_DIR_VARIABLE, "").strip():
-        where = f"${DATA_DIR_VARIABLE} is {os.environ[DATA_DIR_VARIABLE]}; unset, the tests look in ../shared/data beside the checkout"
+        where = (f"${DATA_DIR_VARIABLE} is {os.environ[DATA_DIR_VARIABLE]}; unset, the tests look in ../shared/data "
+                 "beside the checkout")
     else:
-        where = f"${DATA_DIR_VARIABLE} is unset, so the tests look in ../shared/data beside the checkout; set it to the folder holding {', '.join(BENCHMARKS)}"
+        where = (f"${DATA_DIR_VARIABLE} is unset, so the tests look in ../shared/data beside the checkout; "
+                 f"set it to the folder holding {', '.join(BENCHMARKS)}")
     reason = f"benchmark data not found at {path} ({where})"
     if _data_required():
         pytest.fail(f"{reason}; ${REQUIRE_DATA_VARIABLE}=1 makes missing benchmark data a failure", pytrace=False)
@@ -93,7 +95,9 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-gpt2")
     _tokenizer_files(folder, WORDS)
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=4 + len(WORDS), n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2)
+    cfg = GPT2Config(
+        vocab_size=4 + len(WORDS), n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2
+    )
     GPT2LMHeadModel(cfg).save_pretrained(folder)
     return folder
 
@@ -122,7 +126,7 @@ def toy_record(rid: str = "toy-1") -> dict:
 
 def two_fact_records():
     """Records ``a`` and ``b``: two different facts (prompts and answers) in the tiny vocabulary."""
-    from mke_lightning.records import record_from_dict
+    from mke_lightning.data.records import record_from_dict
 
     a = toy_record("a")
     b = toy_record("b")
@@ -147,7 +151,7 @@ def out_projection_changes(editor, before: dict) -> dict:
 
 @pytest.fixture()
 def toy_records():
-    from mke_lightning.records import record_from_dict
+    from mke_lightning.data.records import record_from_dict
 
     return [record_from_dict(toy_record("toy-1")), record_from_dict(toy_record("toy-2"))]
 
@@ -155,7 +159,7 @@ def toy_records():
 @pytest.fixture(scope="session")
 def real_model():
     """The embedded Gemma 3 270M (converted and cached on first use)."""
-    from mke_lightning.model_loading import ModelConfig, load_causal_lm
+    from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
     return load_causal_lm(ModelConfig())
 

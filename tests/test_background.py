@@ -7,17 +7,23 @@ import json
 import pytest
 import torch
 
-import mke_lightning.localization_stage as stage
-from mke_lightning.attribution import AttributionConfig
-from mke_lightning.background import BackgroundConfig, background_prompts, busy_neurons, neuron_activity, usual_activity, without
-from mke_lightning.localization import LocalizationConfig, locate
-from mke_lightning.localization_stage import localize_records
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.neuron_cache import MaskCache, model_fingerprint, settings_key
-from mke_lightning.neurons import NeuronMask
-from mke_lightning.records import record_from_dict
-
+import mke_lightning.localization.stage as stage
 from conftest import toy_record
+from mke_lightning.data.records import record_from_dict
+from mke_lightning.localization.attribution import AttributionConfig
+from mke_lightning.localization.background import (
+    BackgroundConfig,
+    background_prompts,
+    busy_neurons,
+    neuron_activity,
+    usual_activity,
+    without,
+)
+from mke_lightning.localization.cache import MaskCache, model_fingerprint, settings_key
+from mke_lightning.localization.locate import LocalizationConfig, locate
+from mke_lightning.localization.neurons import NeuronMask
+from mke_lightning.localization.stage import localize_records
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 BUSY_LAYER, BUSY_NEURON = 1, 5
 
@@ -60,7 +66,9 @@ def test_a_neuron_made_busy_is_found_and_dropped_after_the_cache(tmp_path, tiny_
     words = tmp_path / "unrelated.json"
     words.write_text(json.dumps({"en": ["the city of the tower is", "the river is in the city"]}), encoding="utf-8")
     plain = LocalizationConfig(attribution=AttributionConfig(steps=3), cross_languages=["en", "fr"], threshold=0.1)
-    filtered = LocalizationConfig(**{**plain.__dict__, "background": BackgroundConfig(max_ratio=10.0, prompts=str(words))})
+    filtered = LocalizationConfig(
+        **{**plain.__dict__, "background": BackgroundConfig(max_ratio=10.0, prompts=str(words))}
+    )
     assert settings_key(plain, "en") == settings_key(filtered, "en")
 
     activity = neuron_activity(model, tok, arch, background_prompts(filtered.background))

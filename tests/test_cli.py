@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO, toy_record, write_jsonl
 from mke_lightning.cli import MKECLI, cli_main
 from mke_lightning.data import EditDataModule
-from mke_lightning.editor import KnowledgeEditor
-
-from conftest import REPO, toy_record, write_jsonl
+from mke_lightning.editing.editor import KnowledgeEditor
 
 # Run configs (configs/scale/ holds overlays for them; tests/test_scale.py parses those).
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "scale")

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from mke_lightning.data import EditDataModule, demo_records, read_jsonl, read_mzsre
 from mke_lightning.data.datamodule import EditBatch
-from mke_lightning.records import EditRecord, LanguageFacts, Probe, RecordError
+from mke_lightning.data.records import EditRecord, LanguageFacts, Probe, RecordError
 
 MZSRE_LANGUAGES = {"en", "cs", "de", "nl", "es", "fr", "pt", "ru", "th", "tr", "vi", "zh"}
 DEMO_LANGUAGES = {"en", "de", "fr", "es", "ru", "zh"}
@@ -301,7 +301,9 @@ def _duplicate_id(rec: dict) -> dict:
 )
 def test_jsonl_bad_record(tmp_path: Path, break_record, field: str, reason: str) -> None:
     bad = break_record(native("r1"))
-    path = write_lines(tmp_path / "bad.jsonl", [json.dumps(native("r0")), "", json.dumps(bad), json.dumps(native("r2"))])
+    path = write_lines(
+        tmp_path / "bad.jsonl", [json.dumps(native("r0")), "", json.dumps(bad), json.dumps(native("r2"))]
+    )
     with pytest.raises(RecordError) as info:
         read_jsonl(path)
     message = str(info.value)
@@ -336,7 +338,9 @@ def six_records(tmp_path: Path) -> Path:
 
 
 def test_datamodule_validates_arguments(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"\['demo', 'auto', 'jsonl', 'mzsre', 'bizsre', 'mkeb', 'mlake', 'mquake', 'zsre'\]"):
+    with pytest.raises(
+        ValueError, match=r"\['demo', 'auto', 'jsonl', 'mzsre', 'bizsre', 'mkeb', 'mlake', 'mquake', 'zsre'\]"
+    ):
         EditDataModule(format="csv")
     with pytest.raises(ValueError, match="needs a path"):
         EditDataModule(format="jsonl")
@@ -407,7 +411,9 @@ def test_datamodule_hparams_and_pickle(six_records: Path) -> None:
 
 
 def test_datamodule_mzsre(mzsre_dir: Path) -> None:
-    dm = EditDataModule(path=str(mzsre_dir), format="mzsre", edit_language="en", eval_languages=["de", "zh"], limit=3, offset=10)
+    dm = EditDataModule(
+        path=str(mzsre_dir), format="mzsre", edit_language="en", eval_languages=["de", "zh"], limit=3, offset=10
+    )
     dm.setup()
     assert dm.eval_languages == ["en", "de", "zh"]
     assert [r.id for r in dm.records] == ["mzsre-10", "mzsre-11", "mzsre-12"]
@@ -431,7 +437,8 @@ def test_datamodule_from_yaml(mzsre_dir: Path) -> None:
     config = parser.parse_string(
         "data:\n"
         "  class_path: mke_lightning.data.EditDataModule\n"
-        f"  init_args: {{format: mzsre, path: {mzsre_dir}, edit_language: en, eval_languages: [en, de, zh], limit: 2}}\n"
+        f"  init_args: {{format: mzsre, path: {mzsre_dir}, edit_language: en, "
+        "eval_languages: [en, de, zh], limit: 2}\n"
     )
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in 4.49
     dm = instantiate(config).data

@@ -22,7 +22,7 @@ from mke_lightning.data import (
     read_zsre,
 )
 from mke_lightning.data.mzsre import MzsreParser
-from mke_lightning.records import EditRecord, LanguageFacts, Probe, RecordError
+from mke_lightning.data.records import EditRecord, LanguageFacts, Probe, RecordError
 
 MZSRE_LANGUAGES = ["cs", "de", "en", "es", "fr", "nl", "pt", "ru", "th", "tr", "vi", "zh"]
 MLAKE_LANGUAGES = ["de", "en", "fr", "ja", "zh"]
@@ -37,18 +37,47 @@ def write_json(path: Path, value) -> Path:
 def mkeb_item(example_id=1, langs=("en", "de")) -> dict:
     """One MKEB record in the MEMLA schema (the data itself is unpublished)."""
     words = {
-        "en": ("{} is a citizen of", "Danielle Darrieux", "England", "France", "Danielle Darrieux holds citizenship of",
-               "Jean Gabin is a citizen of", "France", "The capital of the country of Danielle Darrieux is", "London"),
-        "de": ("{} ist Staatsbürger von", "Danielle Darrieux", "England", "Frankreich", "Danielle Darrieux besitzt die Staatsbürgerschaft von",
-               "Jean Gabin ist Staatsbürger von", "Frankreich", "Die Hauptstadt des Landes von Danielle Darrieux ist", "London"),
-        "fr": ("{} est citoyenne de", "Danielle Darrieux", "Angleterre", "France", "Danielle Darrieux a la nationalité de",
-               "Jean Gabin est citoyen de", "France", "La capitale du pays de Danielle Darrieux est", "Londres"),
+        "en": (
+            "{} is a citizen of",
+            "Danielle Darrieux",
+            "England",
+            "France",
+            "Danielle Darrieux holds citizenship of",
+            "Jean Gabin is a citizen of",
+            "France",
+            "The capital of the country of Danielle Darrieux is",
+            "London",
+        ),
+        "de": (
+            "{} ist Staatsbürger von",
+            "Danielle Darrieux",
+            "England",
+            "Frankreich",
+            "Danielle Darrieux besitzt die Staatsbürgerschaft von",
+            "Jean Gabin ist Staatsbürger von",
+            "Frankreich",
+            "Die Hauptstadt des Landes von Danielle Darrieux ist",
+            "London",
+        ),
+        "fr": (
+            "{} est citoyenne de",
+            "Danielle Darrieux",
+            "Angleterre",
+            "France",
+            "Danielle Darrieux a la nationalité de",
+            "Jean Gabin est citoyen de",
+            "France",
+            "La capitale du pays de Danielle Darrieux est",
+            "Londres",
+        ),
     }
     pick = {lang: words[lang] for lang in langs}
     return {
         "example_id": example_id,
         "relation_description": "country of citizenship",
-        "edit": {l: {"prompt": w[0], "subject": w[1], "target_new": w[2], "target_true": w[3]} for l, w in pick.items()},
+        "edit": {
+            l: {"prompt": w[0], "subject": w[1], "target_new": w[2], "target_true": w[3]} for l, w in pick.items()
+        },
         "paraphrase_prompts": {l: [w[4]] for l, w in pick.items()},
         "neighborhood_prompts": {l: [w[5]] for l, w in pick.items()},
         "neighborhood_answers": {l: [w[6]] for l, w in pick.items()},
@@ -146,7 +175,11 @@ def test_mlake_real_files(shared_data: Path) -> None:
     ]
     assert en.multi_hop[0].answer == "United Kingdom" and "UK" in en.multi_hop[0].aliases
     ja = record.facts("ja")
-    assert (ja.target_new, ja.target_new_aliases, ja.target_true) == ("英国放送協会", ("BBC", "イギリス放送協会"), "コーネル大学")
+    assert (ja.target_new, ja.target_new_aliases, ja.target_true) == (
+        "英国放送協会",
+        ("BBC", "イギリス放送協会"),
+        "コーネル大学",
+    )
     assert ja.multi_hop[0] == Probe(
         "カール・セーガンが勤務していた機関はどの国に位置していますか？",
         "イギリス",
@@ -159,9 +192,13 @@ def test_mlake_unlinked_questions_are_counted_and_reported(shared_data: Path, tm
     (folder / "single_hop").mkdir(parents=True)
     (folder / "multi_hop").mkdir()
     for lang in ("en", "de"):
-        items = json.loads((shared_data / "mlake" / "dataset" / "single_hop" / f"{lang}_qa.json").read_text("utf-8"))[:3]
+        items = json.loads((shared_data / "mlake" / "dataset" / "single_hop" / f"{lang}_qa.json").read_text("utf-8"))[
+            :3
+        ]
         write_json(folder / "single_hop" / f"{lang}_qa.json", items)
-        questions = json.loads((shared_data / "mlake" / "dataset" / "multi_hop" / f"new_{lang}_qa.json").read_text("utf-8"))
+        questions = json.loads(
+            (shared_data / "mlake" / "dataset" / "multi_hop" / f"new_{lang}_qa.json").read_text("utf-8")
+        )
         keep = [q for q in questions if q["e_prompt"] in {i["e_prompt"] for i in json.loads(
             (folder / "single_hop" / "en_qa.json").read_text("utf-8"))}]
         keep.append({**keep[0], "e_prompt": "An edit that is not in the single-hop files."})
@@ -186,7 +223,9 @@ def test_mquake_hard_real_file(shared_data: Path) -> None:
         cases.setdefault(record.case, []).append(record)
     assert len(cases) == 429 and all(len(edits) == 4 for edits in cases.values())
     # The multi-hop questions sit on the last edit of a case only.
-    assert all([bool(r.facts("en").multi_hop) for r in edits] == [False, False, False, True] for edits in cases.values())
+    assert all(
+        [bool(r.facts("en").multi_hop) for r in edits] == [False, False, False, True] for edits in cases.values()
+    )
 
     first = cases["mquake-7417"]
     assert [r.id for r in first] == [f"mquake-7417-{k}" for k in range(4)]
@@ -199,10 +238,15 @@ def test_mquake_hard_real_file(shared_data: Path) -> None:
         target_new_aliases=("Madonna Ciccone", "Madonna Louise Ciccone", "Madonna Louise Veronica Ciccone"),
     )
     last = first[3].facts("en")
-    assert (last.prompt, last.target_new, last.target_true) == ("The official language of Australia is", "Arabic", "English")
+    assert (last.prompt, last.target_new, last.target_true) == (
+        "The official language of Australia is",
+        "Arabic",
+        "English",
+    )
     assert len(last.multi_hop) == 3
     assert last.multi_hop[0] == Probe(
-        "What is the official language of the country of citizenship of the director/manager of \"Hey Jude\"'s performer?",
+        "What is the official language of the country of citizenship of the director/manager of "
+        '"Hey Jude"\'s performer?',
         "Arabic",
         ("ar", "Arabian language", "Arabic language"),
     )
@@ -255,8 +299,13 @@ def test_mkeb_records_written_in_its_schema(tmp_path: Path) -> None:
 
 def test_jsonl_keeps_case_subjectless_blocks_and_aliases(tmp_path: Path) -> None:
     record = EditRecord(
-        id="j1", case="c1",
-        languages={"en": LanguageFacts(subject=None, prompt="Where did Ann work?", target_new="BBC", target_new_aliases=("B.B.C.",))},
+        id="j1",
+        case="c1",
+        languages={
+            "en": LanguageFacts(
+                subject=None, prompt="Where did Ann work?", target_new="BBC", target_new_aliases=("B.B.C.",)
+            )
+        },
     )
     path = tmp_path / "one.jsonl"
     path.write_text(json.dumps(record.to_dict()) + "\n", encoding="utf-8")
@@ -362,7 +411,9 @@ def test_unknown_language_codes(tmp_path: Path) -> None:
     check_names(err, path, 1, "mkeb-1", "edit.eng")
     assert "ISO 639-1" in str(err)
     # Requested languages are checked too; a dataset's own code gets a hint.
-    with pytest.raises(ValueError, match=r"'cz' is not an ISO 639-1 language code \(mzsre writes 'cs' as 'cz': use 'cs'\)"):
+    with pytest.raises(
+        ValueError, match=r"'cz' is not an ISO 639-1 language code \(mzsre writes 'cs' as 'cz': use 'cs'\)"
+    ):
         EditDataModule(path="x", format="mzsre", eval_languages=["en", "cz"])
     with pytest.raises(ValueError, match="edit_language: 'EN' is not an ISO 639-1"):
         EditDataModule(edit_language="EN")

@@ -18,22 +18,32 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mke_lightning.data import EditDataModule, open_source, spans
-from mke_lightning.data.spans import ItemFile
-from mke_lightning.records import EditRecord, RecordError, is_language_code
 from conftest import SHARED_DATA
+from mke_lightning.data import EditDataModule, open_source, spans
+from mke_lightning.data.records import EditRecord, RecordError, is_language_code
+from mke_lightning.data.spans import ItemFile
 from test_data_formats import mkeb_item
 
-FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FAST = settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 
 
 def native(rid: str, langs=("en", "de")) -> dict:
-    block = {"subject": f"S{rid}", "prompt": f"The capital of {rid} is", "target_new": f"N{rid}", "target_true": f"O{rid}"}
+    block = {
+        "subject": f"S{rid}",
+        "prompt": f"The capital of {rid} is",
+        "target_new": f"N{rid}",
+        "target_true": f"O{rid}",
+    }
     return {"id": rid, "languages": {lang: dict(block) for lang in langs}}
 
 
 def write_jsonl(path: Path, lines: list[Any]) -> Path:
-    path.write_text("".join((line if isinstance(line, str) else json.dumps(line, ensure_ascii=False)) + "\n" for line in lines), "utf-8")
+    path.write_text(
+        "".join((line if isinstance(line, str) else json.dumps(line, ensure_ascii=False)) + "\n" for line in lines),
+        "utf-8",
+    )
     return path
 
 
@@ -165,8 +175,14 @@ def test_array_scanner_matches_json_load_on_a_real_file(shared_data: Path, monke
     assert all(text[line - 1].strip() == "{" for line in pretty.lines) and pretty.lines[0] == 2
 
 
-_json_leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.text())
-_json_value = st.recursive(_json_leaf, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=8)
+_json_leaf = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.text()
+)
+_json_value = st.recursive(
+    _json_leaf,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=8,
+)
 
 
 @FAST
@@ -237,11 +253,18 @@ def _load(path: Path, n: int) -> list[Any]:
 
 
 def _cases(data: Path) -> dict[str, Case]:
-    mq = [{k: v for k, v in c.items() if k not in ("orig", "single_hops")} for c in _load(data / "mquake" / "datasets" / "MQuAKE-hard.json", 3)]
+    mq = [
+        {k: v for k, v in c.items() if k not in ("orig", "single_hops")}
+        for c in _load(data / "mquake" / "datasets" / "MQuAKE-hard.json", 3)
+    ]
     hop = {lang: _load(data / "mlake" / "dataset" / "single_hop" / f"{lang}_qa.json", 3) for lang in ("en", "de")}
     keys = {item["e_prompt"] for item in hop["en"]}
     multi = {
-        lang: [q for q in json.loads((data / "mlake" / "dataset" / "multi_hop" / f"new_{lang}_qa.json").read_text("utf-8")) if q["e_prompt"] in keys]
+        lang: [
+            q
+            for q in json.loads((data / "mlake" / "dataset" / "multi_hop" / f"new_{lang}_qa.json").read_text("utf-8"))
+            if q["e_prompt"] in keys
+        ]
         for lang in ("en", "de")
     }
     mlake_files = {
@@ -253,15 +276,36 @@ def _cases(data: Path) -> dict[str, Case]:
         return {name: items for name, items in files.items() if name != target}
 
     return {
-        "jsonl": Case("jsonl", [native("a"), native("b", ("en", "zh")), native("c")], "e.jsonl", "e.jsonl", {}, jsonl=True),
-        "mzsre": Case("mzsre", _load(data / "mzsre" / "mzsre_test_duplicate_encz.json", 3), "mzsre_test_duplicate_encz.json", ".", {}),
+        "jsonl": Case(
+            "jsonl", [native("a"), native("b", ("en", "zh")), native("c")], "e.jsonl", "e.jsonl", {}, jsonl=True
+        ),
+        "mzsre": Case(
+            "mzsre",
+            _load(data / "mzsre" / "mzsre_test_duplicate_encz.json", 3),
+            "mzsre_test_duplicate_encz.json",
+            ".",
+            {},
+        ),
         "bizsre": Case("bizsre", _load(data / "bi-zsre" / "bizsre_test.first15.json", 3), "b.json", "b.json", {}),
         "zsre": Case("zsre", _load(data / "zsre" / "zsre_mend_eval.first11.json", 3), "z.json", "z.json", {}),
         "mkeb": Case("mkeb", [mkeb_item(f"a-{i}", ("en", "fr")) for i in range(3)], "m.json", "m.json", {}),
         "mquake": Case("mquake", mq, "q.json", "q.json", {}, per_item=lambda c: len(c["requested_rewrite"])),
-        "mlake-single": Case("mlake", hop["de"], "dataset/single_hop/de_qa.json", ".", others(mlake_files, "dataset/single_hop/de_qa.json")),
-        "mlake-multi": Case("mlake", multi["en"], "dataset/multi_hop/new_en_qa.json", ".", others(mlake_files, "dataset/multi_hop/new_en_qa.json"),
-                            per_item=lambda q: 0, fixed=3),
+        "mlake-single": Case(
+            "mlake",
+            hop["de"],
+            "dataset/single_hop/de_qa.json",
+            ".",
+            others(mlake_files, "dataset/single_hop/de_qa.json"),
+        ),
+        "mlake-multi": Case(
+            "mlake",
+            multi["en"],
+            "dataset/multi_hop/new_en_qa.json",
+            ".",
+            others(mlake_files, "dataset/multi_hop/new_en_qa.json"),
+            per_item=lambda q: 0,
+            fixed=3,
+        ),
     }
 
 
@@ -322,7 +366,9 @@ def _assert_valid(record: EditRecord) -> None:
     assert record.languages and all(is_language_code(code) for code in record.languages)
     for facts in record.languages.values():
         texts = [facts.prompt, facts.target_new, *facts.paraphrases, *facts.target_new_aliases]
-        texts += [t for p in (*facts.locality, *facts.portability, *facts.multi_hop) for t in (p.prompt, p.answer, *p.aliases)]
+        texts += [
+            t for p in (*facts.locality, *facts.portability, *facts.multi_hop) for t in (p.prompt, p.answer, *p.aliases)
+        ]
         texts += [t for t in (facts.subject, facts.target_true) if t is not None]
         assert all(isinstance(t, str) and t and t == t.strip() for t in texts)
 
@@ -333,7 +379,9 @@ def all_cases() -> dict[str, Case]:
 
 
 @pytest.mark.parametrize("name", ["jsonl", "mzsre", "bizsre", "zsre", "mkeb", "mquake", "mlake-single", "mlake-multi"])
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(data=st.data())
 def test_mutated_records_parse_or_name_file_record_and_field(shared_data: Path, name: str, data: st.DataObject) -> None:
     case = all_cases()[name]

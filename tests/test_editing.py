@@ -5,17 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mke_lightning.architectures import UnknownArchitectureError, mlp_out_modules, neuron_dim, resolve_arch
-from mke_lightning.attribution import AttributionConfig
-from mke_lightning.editor import EditLossConfig, KnowledgeEditor
-from mke_lightning.localization import LocalizationConfig, locate
-from mke_lightning.masked_lora import LoRAConfig, attach
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.neurons import NeuronMask
+from mke_lightning.editing.editor import EditLossConfig, KnowledgeEditor
+from mke_lightning.editing.masked_lora import LoRAConfig, attach
+from mke_lightning.localization.attribution import AttributionConfig
+from mke_lightning.localization.locate import LocalizationConfig, locate
+from mke_lightning.localization.neurons import NeuronMask
+from mke_lightning.modeling.architectures import UnknownArchitectureError, mlp_out_modules, neuron_dim, resolve_arch
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 
 def _editor(folder, **loss) -> KnowledgeEditor:
-    ed = KnowledgeEditor(lm=ModelConfig(name_or_path=str(folder)), loss=EditLossConfig(**loss), lora=LoRAConfig(merge_scale=1.0))
+    ed = KnowledgeEditor(
+        lm=ModelConfig(name_or_path=str(folder)), loss=EditLossConfig(**loss), lora=LoRAConfig(merge_scale=1.0)
+    )
     ed.configure_model()
     return ed
 
@@ -85,7 +87,7 @@ def test_adapter_ranks_and_gradient_mask(tiny_llama_dir):
 
 
 def test_edit_moves_the_answer_on_a_tiny_model(tiny_llama_dir, toy_records):
-    from mke_lightning.evaluation import EditEvaluator, build_items
+    from mke_lightning.evaluation.evaluator import EditEvaluator, build_items
 
     ed = _editor(tiny_llama_dir, max_steps=60)
     ed.optimizer_factory = lambda p: torch.optim.Adam(p, lr=0.2)

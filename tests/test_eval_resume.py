@@ -19,16 +19,15 @@ import lightning as L
 import pytest
 import torch
 
+from conftest import write_jsonl
 from mke_lightning.callbacks import EditCheckpoint, EditEvaluation
 from mke_lightning.data import EditDataModule
-from mke_lightning.editor import EditLossConfig, KnowledgeEditor
-from mke_lightning.masked_lora import LoRAConfig
-from mke_lightning.model_loading import ModelConfig
-from mke_lightning.neurons import NeuronMask
-from mke_lightning.perplexity import PerplexityConfig
-from mke_lightning.strategies import EditingDDPStrategy
-
-from conftest import write_jsonl
+from mke_lightning.editing.editor import EditLossConfig, KnowledgeEditor
+from mke_lightning.editing.masked_lora import LoRAConfig
+from mke_lightning.evaluation.perplexity import PerplexityConfig
+from mke_lightning.localization.neurons import NeuronMask
+from mke_lightning.modeling.loading import ModelConfig
+from mke_lightning.modeling.strategies import EditingDDPStrategy
 from test_retention import NEURONS, _records
 
 TIMINGS = ("eval_seconds_per_edit_median_rank0", "seconds_rank0")  # the only figures a restart may change
@@ -57,7 +56,9 @@ def _fit(tmp_path, model_dir, protocol: str, name: str, every_n_edits: int = 1, 
     earlier ones), with EditCheckpoint into ``<tmp_path>/<name>/checkpoints`` and perplexity after every 2nd edit;
     ``ranks=2``: DDP on two spawned CPU processes (gloo)."""
     records = _records()
-    data = EditDataModule(format="jsonl", path=str(write_jsonl(tmp_path / "four.jsonl", records)), eval_languages=list(eval_languages))
+    data = EditDataModule(
+        format="jsonl", path=str(write_jsonl(tmp_path / "four.jsonl", records)), eval_languages=list(eval_languages)
+    )
     module = KnowledgeEditor(lm=ModelConfig(name_or_path=str(model_dir)), protocol=protocol,
                              lora=LoRAConfig(merge_scale=1.0), loss=EditLossConfig(max_steps=4),
                              optimizer=partial(torch.optim.Adam, lr=0.05))  # picklable: spawned ranks get a copy
@@ -69,9 +70,19 @@ def _fit(tmp_path, model_dir, protocol: str, name: str, every_n_edits: int = 1, 
     callbacks = [cb, EditCheckpoint(dirpath=str(tmp_path / name / "checkpoints"), every_n_edits=every_n_edits)]
     callbacks += [StopAfter(stop)] if stop else []
     strategy = "auto" if ranks == 1 else EditingDDPStrategy(start_method="spawn", process_group_backend="gloo")
-    trainer = L.Trainer(accelerator="cpu", devices=ranks, strategy=strategy, max_epochs=1, logger=CSVLogger(tmp_path, name=name),
-                        callbacks=callbacks, enable_model_summary=False, enable_progress_bar=False,
-                        log_every_n_steps=1, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=ranks,
+        strategy=strategy,
+        max_epochs=1,
+        logger=CSVLogger(tmp_path, name=name),
+        callbacks=callbacks,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        log_every_n_steps=1,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     torch.manual_seed(0)
     # weights_only=False: the module's hyper-parameters are dataclasses here (the evaluation state alone is plain)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=False)
@@ -79,11 +90,15 @@ def _fit(tmp_path, model_dir, protocol: str, name: str, every_n_edits: int = 1, 
 
 
 def _files(folder: Path) -> dict:
-    """What a run wrote into ``folder``, timings left out and the data file by its name (each run has its own folder)."""
+    """What a run wrote into ``folder``, timings left out and the data file by its name (each run has its own
+    folder)."""
     doc = json.loads((folder / "results.json").read_text())
     for key in TIMINGS:
         doc.pop(key, None)
-    doc["data"]["path"], doc["data"]["files"] = Path(doc["data"]["path"]).name, [Path(f).name for f in doc["data"]["files"]]
+    doc["data"]["path"], doc["data"]["files"] = (
+        Path(doc["data"]["path"]).name,
+        [Path(f).name for f in doc["data"]["files"]],
+    )
     for c in doc.get("retention", {}).get("checkpoints", []):
         c.pop("seconds_rank0")
     csvs = [folder / f"{name}.csv" for name in ("edits", "perplexity", "retention")]  # not the logger's metrics.csv
@@ -107,13 +122,16 @@ def uninterrupted(tmp_path_factory, tiny_llama_dir):
 
 def _stopped_and_resumed(tmp_path, model_dir, protocol: str, every_n_edits: int, stop: int,
                          retention: int | None = None) -> tuple[dict, EditEvaluation]:
-    """Stop a run after edit ``stop``, check what its checkpoint holds, resume it; the checkpoint's state and the callback."""
+    """Stop a run after edit ``stop``, check what its checkpoint holds, resume it; the checkpoint's state and the
+    callback."""
     with pytest.raises(Stopped):
         _fit(tmp_path, model_dir, protocol, "run", every_n_edits, stop=stop, retention=retention)
     assert not list(tmp_path.rglob("results.json"))  # the stopped run wrote no results
     saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     done = [d["record_id"] for d in saved["mke_edit_log"]]
-    assert done == ["r0", "r1", "r2", "r3"][: (stop - 1) // every_n_edits * every_n_edits]  # the stop's own edit is lost
+    assert (
+        done == ["r0", "r1", "r2", "r3"][: (stop - 1) // every_n_edits * every_n_edits]
+    )  # the stop's own edit is lost
     state = saved["callbacks"]["EditEvaluation"]
     assert [part["records"] for part in state["ranks"]] == [done]  # the evaluation holds the same edits as the edit log
     buffer = io.BytesIO()
@@ -129,7 +147,10 @@ def test_a_resumed_run_reports_every_edit_as_a_run_never_stopped(tmp_path, tiny_
     # results.json (summary and run metadata), edits.csv, perplexity.csv: the same, figure for figure
     assert _files(cb.written["results"].parent) == whole
     assert whole["results.json"]["records"] == 4 and set(whole) == {"results.json", "edits", "perplexity"}
-    assert [l.split(",")[0] for l in whole["perplexity"].splitlines()[1::2]] == ["r0", "r2"]  # every 2nd edit, across the restart
+    assert [l.split(",")[0] for l in whole["perplexity"].splitlines()[1::2]] == [
+        "r0",
+        "r2",
+    ]  # every 2nd edit, across the restart
     assert cb.ppl_pre == state["ranks"][0]["ppl_pre"]  # taken from the checkpoint, not measured again
     assert list(cb.seconds) == ["r0", "r1", "r2", "r3"]
 
@@ -149,8 +170,15 @@ def test_a_resumed_sequential_run_retains_the_edits_made_before_the_restart(tmp_
     assert _files(cb.written["results"].parent) == whole  # with retention.csv and the retention block of results.json
     # the final pass re-scored every edit, those made before the restart too, in the order they were made
     final = list(csv.DictReader(io.StringIO(whole["retention"])))
-    assert list(dict.fromkeys((r["record_id"], r["edit_number"]) for r in final)) == [("r0", "1"), ("r1", "2"), ("r2", "3"), ("r3", "4")]
-    assert [c["edits_done"] for c in whole["results.json"]["retention"]["checkpoints"]] == ([2, 4] if retention else [4])
+    assert list(dict.fromkeys((r["record_id"], r["edit_number"]) for r in final)) == [
+        ("r0", "1"),
+        ("r1", "2"),
+        ("r2", "3"),
+        ("r3", "4"),
+    ]
+    assert [c["edits_done"] for c in whole["results.json"]["retention"]["checkpoints"]] == (
+        [2, 4] if retention else [4]
+    )
     # the restart did not change the pre-edit perplexity, though the model it starts from holds the kept edits
     assert cb.ppl_pre == part["ppl_pre"]
 
@@ -160,21 +188,28 @@ def test_under_two_ranks_each_rank_gets_back_its_own_edits(tmp_path, tiny_llama_
     every edit as a run never stopped: the figures of one process, the rows rank by rank."""
     with pytest.raises(Exception, match="stopped after edit 2"):  # both ranks stop after their 2nd edit
         _fit(tmp_path, tiny_llama_dir, "single", "run", every_n_edits=1, stop=2, ranks=2)
-    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]["EditEvaluation"]
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"][
+        "EditEvaluation"
+    ]
     assert [part["records"] for part in state["ranks"]] == [["r0"], ["r1"]]  # each rank's first edit, of its own share
     _fit(tmp_path, tiny_llama_dir, "single", "run", every_n_edits=1, ckpt_path="last", ranks=2)
     assert [p.parent.name for p in tmp_path.glob("run/version_*/results.json")] == ["version_1"]  # the resumed run's
     resumed, whole = _files(tmp_path / "run" / "version_1"), uninterrupted("single")
     assert resumed["results.json"]["world_size"] == 2
-    assert {**resumed["results.json"], "world_size": 1} == whole["results.json"]  # summed over the ranks: the same figures
+    assert {**resumed["results.json"], "world_size": 1} == whole[
+        "results.json"
+    ]  # summed over the ranks: the same figures
     assert sorted(resumed["edits"].splitlines()) == sorted(whole["edits"].splitlines())
     # perplexity: computed in another process with another thread count, so equal up to float summation order
-    ppl = lambda text: sorted(([r["record_id"], r["lang"]], [float(r[k]) for k in ("ppl_pre", "ppl_post", "ratio")])
-                              for r in csv.DictReader(io.StringIO(text)))
+    def ppl(text):
+        return sorted(([r["record_id"], r["lang"]], [float(r[k]) for k in ("ppl_pre", "ppl_post", "ratio")])
+                                  for r in csv.DictReader(io.StringIO(text)))
+
     got, want = ppl(resumed["perplexity"]), ppl(whole["perplexity"])
     assert [k for k, _ in got] == [k for k, _ in want]
     for (_, a), (_, b) in zip(got, want):
         assert a == pytest.approx(b, rel=1e-5)
-    # rank 0's rows (r0 from before the restart, r2), then rank 1's (r1, r3): as an uninterrupted two-rank run writes them
+    # rank 0's rows (r0 from before the restart, r2), then rank 1's (r1, r3): as an uninterrupted two-rank run
+    # writes them
     rows = list(csv.DictReader(io.StringIO(resumed["edits"])))
     assert list(dict.fromkeys(r["record_id"] for r in rows)) == ["r0", "r2", "r1", "r3"]

@@ -4,24 +4,38 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 
 import pytest
 import torch
 
-from mke_lightning.aggregate import EvalAggregate
-from mke_lightning.evaluation import EditEvaluator, build_items, target_group
-from mke_lightning.metrics import (
-    PROTOCOLS, exact_match, f1_scores, normalize, precision_recall, prefers_new, starts_with_answer, words,
-)
-from mke_lightning.records import record_from_dict
-from mke_lightning.report import format_table, write_reports
-from mke_lightning.scoring import (
-    grouped_target_logits, kept_logits, length_groups, pack, pack_groups, picked_logprobs, row_logprobs, target_logits,
-    target_logprobs, teacher_forced, token_accuracy,
-)
-
 from conftest import toy_record
+from mke_lightning.data.records import record_from_dict
+from mke_lightning.evaluation.aggregate import EvalAggregate
+from mke_lightning.evaluation.evaluator import EditEvaluator, build_items, target_group
+from mke_lightning.evaluation.metrics import (
+    PROTOCOLS,
+    exact_match,
+    f1_scores,
+    normalize,
+    precision_recall,
+    prefers_new,
+    starts_with_answer,
+    words,
+)
+from mke_lightning.modeling.forward import (
+    grouped_target_logits,
+    kept_logits,
+    length_groups,
+    pack,
+    pack_groups,
+    picked_logprobs,
+    row_logprobs,
+    target_logits,
+    target_logprobs,
+    teacher_forced,
+    token_accuracy,
+)
+from mke_lightning.reporting.tables import format_table, write_reports
 
 
 # -- protocols on text -----------------------------------------------------------
@@ -106,7 +120,9 @@ def test_token_accuracy_argmax_and_mean_logprob_by_hand():
 # -- items ---------------------------------------------------------------------------
 def _with_multi_hop(rid: str = "toy-1") -> dict:
     data = toy_record(rid)
-    data["languages"]["en"]["multi_hop"] = [{"prompt": "the country of the tower is", "answer": "italy", "aliases": ["rome"]}]
+    data["languages"]["en"]["multi_hop"] = [
+        {"prompt": "the country of the tower is", "answer": "italy", "aliases": ["rome"]}
+    ]
     data["languages"]["en"]["target_new_aliases"] = ["roma"]
     return data
 
@@ -188,13 +204,24 @@ def test_locality_agreement_with_the_pre_edit_model(tiny):
 
 def test_gen_em_counts_an_alias(tiny):
     """The same item scored with and without the alias the model actually generates."""
-    from mke_lightning.evaluation import Item
-    from mke_lightning.scoring import encode_prompt, greedy_generate
+    from mke_lightning.evaluation.evaluator import Item
+    from mke_lightning.modeling.forward import encode_prompt, greedy_generate
 
     model, tok = tiny
-    candidates = ["the tower is located in the city of", "honey is made by", "the capital of france is", "le ciel est", "der himmel ist"]
-    firsts = [tok.decode(g, skip_special_tokens=True).strip() for g in greedy_generate(model, tok, [encode_prompt(tok, p) for p in candidates], 1)]
-    prompt, first = next((p, f) for p, f in zip(candidates, firsts) if f and f != "<unk>")  # the tiny model's own greedy word
+    candidates = [
+        "the tower is located in the city of",
+        "honey is made by",
+        "the capital of france is",
+        "le ciel est",
+        "der himmel ist",
+    ]
+    firsts = [
+        tok.decode(g, skip_special_tokens=True).strip()
+        for g in greedy_generate(model, tok, [encode_prompt(tok, p) for p in candidates], 1)
+    ]
+    prompt, first = next(
+        (p, f) for p, f in zip(candidates, firsts) if f and f != "<unk>"
+    )  # the tiny model's own greedy word
     ev = EditEvaluator(tok)
     wrong = next(w for w in ("rome", "paris") if w != first)
     without = ev.score(model, [Item("en", "multi_hop", prompt, (wrong,))], {})[0]
@@ -224,7 +251,14 @@ def test_aggregate_means_by_hand():
     agg.update_perplexity({"en": 1.0, "fr": 1.5})
     agg.update_perplexity({"en": 1.2})
     s = agg.compute()
-    assert s["language"]["en"]["reliability"] == {"token_acc": 0.75, "em": 0.5, "f1": 0.75, "f1_legacy": 0.625, "prob": 1.0, "gen_em": 0.5}
+    assert s["language"]["en"]["reliability"] == {
+        "token_acc": 0.75,
+        "em": 0.5,
+        "f1": 0.75,
+        "f1_legacy": 0.625,
+        "prob": 1.0,
+        "gen_em": 0.5,
+    }
     assert s["language"]["fr"]["reliability"]["token_acc"] == 0.625
     assert s["language"]["fr"]["reliability"]["prob"] == 0.0  # the row without an old target is not counted
     assert "prob" not in s["language"]["fr"]["multi_hop"]
@@ -353,7 +387,7 @@ def test_grouped_rows_score_as_one_padded_batch(tiny):
 
 
 def test_runs_of_one_method_are_told_apart_by_their_shortest_distinct_folder():
-    from mke_lightning.compare import distinct_labels
+    from mke_lightning.reporting.compare import distinct_labels
 
     def run(method, path):
         return {"method": method, "model_state": "edited", "_path": path}
@@ -363,14 +397,15 @@ def test_runs_of_one_method_are_told_apart_by_their_shortest_distinct_folder():
         run("memla", "runs/mzsre-memla-busy_filter/version_0/results.json"),
         run("lora", "runs/mzsre-lora/version_0/results.json"),
     ]) == ["memla (edited) mzsre-memla", "memla (edited) mzsre-memla-busy_filter", "lora (edited)"]
-    assert distinct_labels([run("memla", "runs/a/version_0/results.json"), run("memla", "runs/a/version_1/results.json")]) == [
-        "memla (edited) a/version_0", "memla (edited) a/version_1"]
+    assert distinct_labels(
+        [run("memla", "runs/a/version_0/results.json"), run("memla", "runs/a/version_1/results.json")]
+    ) == ["memla (edited) a/version_0", "memla (edited) a/version_1"]
     assert distinct_labels([run("memla", "x/b/results.json"), run("memla", "y/b/results.json")]) == [
         "memla (edited) x/b", "memla (edited) y/b"]
 
 
 def test_settings_table_lists_only_settings_whose_recorded_values_differ():
-    from mke_lightning.compare import settings_table
+    from mke_lightning.reporting.compare import settings_table
 
     runs = [
         ("a", {"settings": {"loss": {"max_steps": 60, "kl": 0.0}, "lora": {"rank": 8}}}),

@@ -12,12 +12,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from conftest import toy_record
 from mke_lightning.callbacks import EditEvaluation
 from mke_lightning.data.datamodule import EditBatch
-from mke_lightning.perplexity import PerplexityConfig, PerplexityProbe, load_sample
-from mke_lightning.records import record_from_dict
-
-from conftest import toy_record
+from mke_lightning.data.records import record_from_dict
+from mke_lightning.evaluation.perplexity import PerplexityConfig, PerplexityProbe, load_sample
 
 SCALE = 1.5  # the user's "edit": scale the LM head; argmax (and so locality) unchanged, perplexity not
 
@@ -71,11 +70,21 @@ def user_parts(tiny_llama_dir):
     return UserEditor(model, AutoTokenizer.from_pretrained(tiny_llama_dir)), UserData(records)
 
 
-def _trainer(tmp_path, name: str, callback: EditEvaluation) -> L.Trainer:
+def _trainer(tmp_path, name: str, callback: EditEvaluation, **more) -> L.Trainer:
+    """A one-epoch CPU Trainer logging to ``tmp_path/name`` with ``callback`` (``more``: other Trainer arguments)."""
     from lightning.pytorch.loggers import CSVLogger
 
-    return L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=CSVLogger(tmp_path, name=name), callbacks=[callback],
-                     enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=1)
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=CSVLogger(tmp_path, name=name),
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        **more,
+    )
 
 
 def test_callback_on_a_user_module_writes_reports_logs_and_perplexity(tmp_path, user_parts, capsys, monkeypatch):
@@ -111,16 +120,36 @@ def test_callback_on_a_user_module_writes_reports_logs_and_perplexity(tmp_path, 
     out = tmp_path / "report"
     from mke_lightning.cli import main
 
-    monkeypatch.setattr(sys, "argv", ["mke", "report", str(cb.written["results"].parent), str(cb_test.written["results"].parent),
-                                      "--output", str(out)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "mke",
+            "report",
+            str(cb.written["results"].parent),
+            str(cb_test.written["results"].parent),
+            "--output",
+            str(out),
+        ],
+    )
     main()
-    assert {p.name for p in out.iterdir()} == {"methods.png", "heatmap_token_acc.png", "heatmap_gen_em.png", "comparison.md", "languages.md"}
+    assert {p.name for p in out.iterdir()} == {
+        "methods.png",
+        "heatmap_token_acc.png",
+        "heatmap_gen_em.png",
+        "comparison.md",
+        "languages.md",
+    }
     table = (out / "comparison.md").read_text()
     assert "UserEditor (edited)" in table and "UserEditor (unedited)" in table
     per_lang = (out / "languages.md").read_text()
     edited_rel = json.loads(cb.written["results"].read_text())["results"]["language"]["fr"]["reliability"]["token_acc"]
     assert "**reliability** (token_acc)" in per_lang and "| run | en | fr | de | mean non-edit |" in per_lang
-    row = next(l for l in per_lang.split("**reliability** (token_acc)")[1].splitlines() if l.startswith("| UserEditor (edited)"))
+    row = next(
+        l
+        for l in per_lang.split("**reliability** (token_acc)")[1].splitlines()
+        if l.startswith("| UserEditor (edited)")
+    )
     assert row.split(" | ")[2] == f"{edited_rel:.2f}"  # the fr column
     monkeypatch.setattr(sys, "argv", ["mke", "report", str(tmp_path / "nowhere")])
     with pytest.raises(SystemExit):
@@ -132,7 +161,9 @@ def test_callback_refuses_a_module_without_the_protocol(tmp_path, user_parts):
     module, data = user_parts
     module.tokenizer = None
     with pytest.raises(AttributeError, match="tokenizer"):
-        _trainer(tmp_path, "bad", EditEvaluation(perplexity=PerplexityConfig(enabled=False))).fit(module, datamodule=data)
+        _trainer(tmp_path, "bad", EditEvaluation(perplexity=PerplexityConfig(enabled=False))).fit(
+            module, datamodule=data
+        )
     with pytest.raises(ValueError, match="unknown measures"):
         EditEvaluation(measures=["reliablity"])
     with pytest.raises(ValueError, match="log_protocols"):
@@ -147,7 +178,10 @@ def test_perplexity_sample_and_probe(tiny_llama_dir, tmp_path):
     assert mzsre <= set(sample)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    texts = {"en": ["the capital of france is paris"], "de": ["die hauptstadt von italy ist rome", "der himmel ist blau"]}
+    texts = {
+        "en": ["the capital of france is paris"],
+        "de": ["die hauptstadt von italy ist rome", "der himmel ist blau"],
+    }
     probe = PerplexityProbe(tok, texts, ["en", "de"], PerplexityConfig(memory_budget_mb=1))
     ppl = probe.measure(model)
     # by hand for en: exp(mean NLL of the 6 tokens after <bos>)

@@ -11,8 +11,8 @@ import socket
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mke_lightning.aggregate import EvalAggregate
-from mke_lightning.metrics import PROTOCOLS
+from mke_lightning.evaluation.aggregate import EvalAggregate
+from mke_lightning.evaluation.metrics import PROTOCOLS
 
 LANGS = ["en", "de", "fr", "zh"]
 MEASURES = ["reliability", "generality", "locality", "multi_hop"]
@@ -30,7 +30,11 @@ def _rows(n_records: int = 9) -> list[list[dict]]:
                 row = {"record_id": f"r{r}", "edit_lang": "en", "eval_lang": lang, "measure": measure,
                        "group": "edit" if lang == "en" else rng.choice(["identical", "translated"])}
                 for proto in PROTOCOLS:
-                    row[proto] = None if proto == "prob" and measure not in ("reliability", "generality") else rng.randrange(7) / 3 % 1
+                    row[proto] = (
+                        None
+                        if proto == "prob" and measure not in ("reliability", "generality")
+                        else rng.randrange(7) / 3 % 1
+                    )
                 rows.append(row)
         out.append(rows)
     return out
@@ -55,9 +59,9 @@ def _worker(rank: int, world: int, port: int, out_path: str) -> None:
         else:
             records = [rows for rows in records if rows[0]["record_id"] not in ("r0", "r3")]
         summary = _aggregate(records).compute()  # syncs: sums over both ranks
-        from mke_lightning.callbacks.evaluation import _gather
+        from mke_lightning.modeling.collectives import gather_rows
 
-        gathered = _gather([r for rows in records for r in rows])
+        gathered = gather_rows([r for rows in records for r in rows])
         if rank == 0:
             with open(out_path, "w") as f:
                 json.dump({"summary": summary, "rows": len(gathered)}, f)

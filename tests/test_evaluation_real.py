@@ -5,19 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mke_lightning.attribution import AttributionConfig
 from mke_lightning.data import read_mlake
-from mke_lightning.editor import KnowledgeEditor
-from mke_lightning.evaluation import EditEvaluator, build_items
-from mke_lightning.localization import LocalizationConfig, locate
-from mke_lightning.masked_lora import LoRAConfig
+from mke_lightning.editing.editor import KnowledgeEditor
+from mke_lightning.editing.masked_lora import LoRAConfig
+from mke_lightning.evaluation.evaluator import EditEvaluator, build_items
+from mke_lightning.localization.attribution import AttributionConfig
+from mke_lightning.localization.locate import LocalizationConfig, locate
 
 pytestmark = pytest.mark.real_model
 
 
 def test_one_mlake_edit_then_its_multi_hop_question(real_model, shared_data):
     model, tok, arch = real_model
-    record = read_mlake(shared_data / "mlake", ["en", "zh", "fr"])[0]  # (zh, fr: localisation's cross languages) Carl Sagan's employer: Cornell University -> BBC
+    record = read_mlake(shared_data / "mlake", ["en", "zh", "fr"])[
+        0
+    ]  # (zh, fr: localisation's cross languages) Carl Sagan's employer: Cornell University -> BBC
     facts = record.facts("en")
     assert facts.multi_hop, "MLaKE record 0 has a linked multi-hop question"
     hop = facts.multi_hop[0]
@@ -37,7 +39,9 @@ def test_one_mlake_edit_then_its_multi_hop_question(real_model, shared_data):
     finally:
         ed.restore()
 
-    by = lambda rows, m: [r for r in rows if r["measure"] == m]
+    def by(rows, m):
+        return [r for r in rows if r["measure"] == m]
+
     assert len(by(post, "multi_hop")) == len(facts.multi_hop)
     for row in by(pre, "multi_hop") + by(post, "multi_hop"):
         assert row["gen_em"] in (0.0, 1.0) and row["prob"] is None and 0.0 <= row["f1"] <= 1.0

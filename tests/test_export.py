@@ -11,16 +11,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mke_lightning.cli import main
-from mke_lightning.editor import EditLossConfig, KnowledgeEditor
-from mke_lightning.export import EDITS_FILE, export_main, export_merged, load_edits, read_deltas, undo_edits
-from mke_lightning.masked_lora import LoRAConfig
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.neuron_cache import model_fingerprint
-from mke_lightning.neuron_delta import NeuronDelta, NotADeltaError, OnTop, Restore
-from mke_lightning.neurons import NeuronMask
-
 from conftest import two_fact_records
+from mke_lightning.cli import main
+from mke_lightning.editing.editor import EditLossConfig, KnowledgeEditor
+from mke_lightning.editing.export import EDITS_FILE, export_main, export_merged, load_edits, read_deltas, undo_edits
+from mke_lightning.editing.masked_lora import LoRAConfig
+from mke_lightning.editing.neuron_delta import NeuronDelta, NotADeltaError, OnTop, Restore
+from mke_lightning.localization.cache import model_fingerprint
+from mke_lightning.localization.neurons import NeuronMask
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 MASKS = {
     "a": NeuronMask("a", {"independent": {0: [1, 5]}, "specific": {1: [3, 7]}}),
@@ -108,7 +107,10 @@ def test_merged_export_loads_with_plain_transformers(sequential_run, tiny_llama_
     assert model.dtype == torch.float32
     assert (_logits(model) - edited).abs().max() < 1e-5
     tok = AutoTokenizer.from_pretrained(out)
-    assert tok("the tower is located in")["input_ids"] == AutoTokenizer.from_pretrained(tiny_llama_dir)("the tower is located in")["input_ids"]
+    assert (
+        tok("the tower is located in")["input_ids"]
+        == AutoTokenizer.from_pretrained(tiny_llama_dir)("the tower is located in")["input_ids"]
+    )
     doc = json.loads((out / EDITS_FILE).read_text())
     assert [e["file"] for e in doc["edits"]] == [str(p.resolve()) for p in sorted(folder.iterdir())]
     assert [e["metadata"]["records"] for e in doc["edits"]] == [["a"], ["b"]]
@@ -137,11 +139,11 @@ def test_export_warns_about_another_model_and_stacked_single_edits(tiny_llama_di
     delta = NeuronDelta({0: (torch.tensor([1, 2]), torch.full((2, 32), 0.01))})  # [n], [n, d_model]
     delta.save(folder / "x.safetensors", {"records": ["x"], "protocol": "single", "model": "some/other-model"})
     delta.save(folder / "y.safetensors", {"records": ["y"], "protocol": "single", "model": str(tiny_llama_dir)})
-    with caplog.at_level(logging.WARNING, logger="mke_lightning.export"):
+    with caplog.at_level(logging.WARNING, logger="mke_lightning.editing.export"):
         export_merged(ModelConfig(name_or_path=str(tiny_llama_dir)), [folder / "x.safetensors"], tmp_path / "out")
     assert "x.safetensors: made on model 'some/other-model'" in caplog.text and "stacked" not in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="mke_lightning.export"):
+    with caplog.at_level(logging.WARNING, logger="mke_lightning.editing.export"):
         export_merged(ModelConfig(name_or_path=str(tiny_llama_dir)), [folder], tmp_path / "out")
     assert "applying 2 edits together" in caplog.text and "x.safetensors, y.safetensors" in caplog.text
 
@@ -190,7 +192,11 @@ def test_files_that_are_not_deltas_are_named_in_the_error(tmp_path, tiny_llama_d
                      "--output", str(tmp_path / "never")])
     assert "weights.safetensors" in capsys.readouterr().err and not (tmp_path / "never").exists()
     with pytest.raises(ValueError, match="never loads int8"):
-        export_merged(ModelConfig(name_or_path=str(tiny_llama_dir), load_in_8bit=True), [tmp_path / "far.safetensors"], tmp_path / "x")
+        export_merged(
+            ModelConfig(name_or_path=str(tiny_llama_dir), load_in_8bit=True),
+            [tmp_path / "far.safetensors"],
+            tmp_path / "x",
+        )
 
 
 def test_deltas_covering_a_record_twice_are_refused_naming_both_files(sequential_run, tiny_llama_dir, tmp_path, capsys):
@@ -208,7 +214,9 @@ def test_deltas_covering_a_record_twice_are_refused_naming_both_files(sequential
     assert "edit twice" in says
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing applied
     with pytest.raises(SystemExit):
-        export_main(["--model", str(tiny_llama_dir), "--deltas", str(folder), str(other), "--output", str(tmp_path / "never")])
+        export_main(
+            ["--model", str(tiny_llama_dir), "--deltas", str(folder), str(other), "--output", str(tmp_path / "never")]
+        )
     assert "covers record 'b'" in capsys.readouterr().err and not (tmp_path / "never").exists()
 
 

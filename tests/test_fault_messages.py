@@ -13,13 +13,12 @@ import pytest
 import torch
 import yaml
 
-from mke_lightning.data import read_jsonl, read_mquake, read_mzsre
-from mke_lightning.editor import KnowledgeEditor
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.neurons import NeuronMask
-from mke_lightning.records import RecordError
-
 from conftest import REPO, toy_record, write_jsonl
+from mke_lightning.data import read_jsonl, read_mquake, read_mzsre
+from mke_lightning.data.records import RecordError
+from mke_lightning.editing.editor import KnowledgeEditor
+from mke_lightning.localization.neurons import NeuronMask
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 
 def mzsre_item(i: int) -> dict:
@@ -121,7 +120,9 @@ def _checkpointed_args(tmp_path, model_dir, monkeypatch) -> list[str]:
     args = _toy_args(tmp_path, model_dir)
     cfg = yaml.safe_load((tmp_path / "toy.yaml").read_text())
     cfg["trainer"]["enable_checkpointing"] = True
-    cfg["trainer"]["callbacks"].append({"class_path": "mke_lightning.callbacks.EditCheckpoint", "init_args": {"every_n_edits": 1}})
+    cfg["trainer"]["callbacks"].append(
+        {"class_path": "mke_lightning.callbacks.EditCheckpoint", "init_args": {"every_n_edits": 1}}
+    )
     (tmp_path / "toy.yaml").write_text(yaml.safe_dump(cfg))
     return args
 
@@ -169,7 +170,9 @@ def test_a_negative_learning_rate_is_refused_before_localisation(tmp_path, tiny_
     from test_cli import _toy_args
 
     monkeypatch.setenv("MKE_CACHE_DIR", str(tmp_path / "cache"))
-    code, err = _mke(monkeypatch, capsys, [*_toy_args(tmp_path, tiny_llama_dir), "--model.optimizer.init_args.lr", "-0.001"])
+    code, err = _mke(
+        monkeypatch, capsys, [*_toy_args(tmp_path, tiny_llama_dir), "--model.optimizer.init_args.lr", "-0.001"]
+    )
     assert code == 1
     assert "model.optimizer" in err and "-0.001" in err and "init_args.lr" in err
     assert not (tmp_path / "cache").exists()  # no neuron was located
@@ -177,7 +180,7 @@ def test_a_negative_learning_rate_is_refused_before_localisation(tmp_path, tiny_
 
 
 def test_errors_print_one_clear_line_unless_the_traceback_is_asked_for(tmp_path, monkeypatch, capsys):
-    from mke_lightning.records import RecordError
+    from mke_lightning.data.records import RecordError
 
     bad = write_jsonl(tmp_path / "edits.jsonl", [dict(toy_record(), id=1.5)])
     args = ["validate", "--config", str(REPO / "configs" / "demo.yaml"), "--data.format", "jsonl",
@@ -231,7 +234,7 @@ def test_a_prompt_longer_than_the_context_names_record_language_and_field(tmp_pa
     dm.connect(SimpleNamespace(causal_lm=model, tokenizer=tok))
     dm.setup("fit")
     with pytest.raises(RecordError) as err:
-        dm.records
+        _ = dm.records
     e = err.value
     assert (e.source, e.index, e.record_id, e.field) == (str(path), 1, "long", "languages.de.paraphrases[0]")
     # (GPT-2's config answers max_position_embeddings with its n_positions)
@@ -260,7 +263,7 @@ def test_a_too_long_prompt_stops_the_run_before_localisation(tmp_path, tiny_gpt2
 
 @pytest.mark.parametrize("where", [{"independent": {7: [1]}}, {"specific": {1: [64]}}])
 def test_a_mask_file_with_an_out_of_range_neuron_is_refused_when_loaded(tmp_path, tiny_llama_dir, where):
-    from mke_lightning.neurons import MaskError, model_bounds
+    from mke_lightning.localization.neurons import MaskError, model_bounds
 
     model, _, arch = load_causal_lm(ModelConfig(name_or_path=str(tiny_llama_dir)))  # 2 layers of 64 neurons
     path = NeuronMask("r1", {"independent": {0: [1, 2]}, **where}).save(tmp_path / "r1.safetensors")
@@ -275,7 +278,7 @@ def test_a_mask_file_with_an_out_of_range_neuron_is_refused_when_loaded(tmp_path
 def test_a_negative_index_in_a_mask_file_is_refused_naming_the_file(tmp_path):
     from safetensors.torch import save_file
 
-    from mke_lightning.neurons import MaskError
+    from mke_lightning.localization.neurons import MaskError
 
     path = NeuronMask("r1", {"independent": {0: [1]}}).save(tmp_path / "r1.safetensors")
     header = json.dumps({"format_version": 1, "record_id": "r1"})
@@ -298,8 +301,7 @@ class AttachMask(L.Callback):
 def test_an_out_of_range_mask_stops_the_run_before_its_first_edit(tmp_path, tiny_llama_dir, monkeypatch):
     from mke_lightning.cli import MKECLI
     from mke_lightning.data import EditDataModule
-    from mke_lightning.neurons import MaskError
-
+    from mke_lightning.localization.neurons import MaskError
     from test_cli import _toy_args
 
     monkeypatch.setenv("MKE_CACHE_DIR", str(tmp_path / "cache"))

@@ -17,12 +17,11 @@ import torch
 import yaml
 from torch import nn
 
-from mke_lightning.editor import KnowledgeEditor
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.neurons import NeuronMask
-from mke_lightning.records import record_from_dict
-
 from conftest import REPO, toy_record, write_jsonl
+from mke_lightning.data.records import record_from_dict
+from mke_lightning.editing.editor import KnowledgeEditor
+from mke_lightning.localization.neurons import NeuronMask
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 
 def test_nan_loss_rolls_the_edit_back_and_leaves_the_weights(tiny_llama_dir):
@@ -60,7 +59,6 @@ class PlantNaN(L.Callback):
 def test_a_planted_nan_edit_is_reported_and_the_run_goes_on(tmp_path, tiny_llama_dir):
     from mke_lightning.cli import MKECLI
     from mke_lightning.data import EditDataModule
-
     from test_cli import _toy_args
 
     cli = MKECLI(KnowledgeEditor, EditDataModule, args=_toy_args(tmp_path, tiny_llama_dir)[1:], run=False)
@@ -100,7 +98,9 @@ def test_a_killed_run_resumes_and_applies_every_edit_exactly_once(protocol, tmp_
                                                  "--model.protocol", protocol]
     cfg = yaml.safe_load((tmp_path / "toy.yaml").read_text())
     cfg["trainer"]["enable_checkpointing"] = True
-    cfg["trainer"]["callbacks"].append({"class_path": "mke_lightning.callbacks.EditCheckpoint", "init_args": {"every_n_edits": 2}})
+    cfg["trainer"]["callbacks"].append(
+        {"class_path": "mke_lightning.callbacks.EditCheckpoint", "init_args": {"every_n_edits": 2}}
+    )
     (tmp_path / "resumable.yaml").write_text(yaml.safe_dump(cfg))
     cfg["trainer"]["callbacks"].append({"class_path": "test_faults.KillAfter", "init_args": {"edits": 3}})
     (tmp_path / "killed.yaml").write_text(yaml.safe_dump(cfg))
@@ -113,11 +113,18 @@ def test_a_killed_run_resumes_and_applies_every_edit_exactly_once(protocol, tmp_
     assert [d["record_id"] for d in saved["mke_edit_log"]] == ["r0", "r1"]  # edit 3 was done but not yet saved
     assert not list((tmp_path / "runs").rglob("edit_log*.jsonl"))  # the killed run never finished
 
-    resumed_args = ["fit"] + [a if a != str(tmp_path / "toy.yaml") else str(tmp_path / "resumable.yaml") for a in args[1:]]
+    resumed_args = ["fit"] + [
+        a if a != str(tmp_path / "toy.yaml") else str(tmp_path / "resumable.yaml") for a in args[1:]
+    ]
     resumed = _run_mke(resumed_args + ["--ckpt_path", "last"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     trained = re.findall(r"edit (\d+) \((r\d)\)", resumed.stdout + resumed.stderr)
-    assert trained == [("3", "r2"), ("4", "r3"), ("5", "r4"), ("6", "r5")]  # it went on after the checkpoint, not from r0
+    assert trained == [
+        ("3", "r2"),
+        ("4", "r3"),
+        ("5", "r4"),
+        ("6", "r5"),
+    ]  # it went on after the checkpoint, not from r0
     logs = list((tmp_path / "runs").rglob("edit_log.jsonl"))
     assert len(logs) == 1
     ids = [json.loads(l)["record_id"] for l in logs[0].read_text().splitlines()]

@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from mke_lightning import key_sample
-from mke_lightning import key_statistics as ks
-from mke_lightning.key_statistics import (
+from mke_lightning.editing import key_sample
+from mke_lightning.editing import key_statistics as ks
+from mke_lightning.editing.key_statistics import (
     KeyStatistics,
     KeyStatsConfig,
     cache_folder,
@@ -18,7 +18,7 @@ from mke_lightning.key_statistics import (
     masked_null_space_projector,
     null_space_projector,
 )
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 
 def _load(folder):

@@ -5,11 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mke_lightning.architectures import mlp_out_modules
-from mke_lightning.attribution import AttributionConfig, attribute_rows, attribute_rows_loop, last_position_patch, rows_per_pass
-from mke_lightning.localization import LocalizationConfig, locate, select
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.neurons import NeuronMask
+from mke_lightning.localization.attribution import (
+    AttributionConfig,
+    attribute_rows,
+    attribute_rows_loop,
+    last_position_patch,
+    rows_per_pass,
+)
+from mke_lightning.localization.locate import LocalizationConfig, locate, select_neurons
+from mke_lightning.localization.neurons import NeuronMask
+from mke_lightning.modeling.architectures import mlp_out_modules
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 LOC = LocalizationConfig(attribution=AttributionConfig(steps=5), cross_languages=["en", "fr"], threshold=0.3)
 
@@ -36,7 +42,7 @@ def _reference_ig(model, arch, row, target, steps, per_layer: bool) -> torch.Ten
     for layer_set in ([[l] for l in range(n_layers)] if per_layer else [list(range(n_layers))]):
         for k in range(1, steps + 1):
             leaves = {l: (clean[l] * k / steps).requires_grad_(True) for l in layer_set}
-            with last_position_patch(modules, lambda l, x: leaves.get(l)):
+            with last_position_patch(modules, lambda l, x, leaves=leaves: leaves.get(l)):
                 prob = torch.softmax(model(input_ids=ids).logits[0, -1], -1)[target]
             grads = torch.autograd.grad(prob, [leaves[l] for l in layer_set])
             for l, g in zip(layer_set, grads):
@@ -111,8 +117,8 @@ def test_grad_x_act_equals_one_step_ig(tiny_llama_dir):
 
 
 def test_eos_baseline_is_the_mean_of_single_token_ablations(tiny_llama_dir):
-    from mke_lightning.attribution import _capture, _eos_baseline
-    from mke_lightning.scoring import left_pad
+    from mke_lightning.localization.attribution import _capture, _eos_baseline
+    from mke_lightning.modeling.forward import left_pad
 
     model, tok, arch = _tiny(tiny_llama_dir)
     modules = mlp_out_modules(model, arch)
@@ -139,8 +145,8 @@ def _plant(model, arch, tok, row, target) -> int:
     baseline sees it too) gets a large activation (its up-projection row scaled) and a value
     vector pointing at the answer's unembedding, strong enough to dominate
     the residual stream."""
-    from mke_lightning.attribution import _capture, _eos_baseline
-    from mke_lightning.scoring import left_pad
+    from mke_lightning.localization.attribution import _capture, _eos_baseline
+    from mke_lightning.modeling.forward import left_pad
 
     modules = mlp_out_modules(model, arch)
     a = _capture(model, modules, *left_pad([row], 0), 8)[0, PLANT_LAYER]  # [F]
@@ -163,9 +169,11 @@ def test_planted_neuron_is_found_by_every_method(tiny_llama_dir, name):
     row = tok("the capital of france is")["input_ids"]
     target = tok.convert_tokens_to_ids("berlin")
     neuron = _plant(model, arch, tok, row, target)
-    scores = attribute_rows(model, arch, [row], [target], METHODS[name], pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
+    scores = attribute_rows(
+        model, arch, [row], [target], METHODS[name], pad_id=tok.pad_token_id, eos_id=tok.eos_token_id
+    )
     assert divmod(int(scores[0].flatten().argmax()), scores.shape[2]) == (PLANT_LAYER, neuron)
-    kept = select(scores, LocalizationConfig(threshold=None, top_k=1))
+    kept = select_neurons(scores, LocalizationConfig(threshold=None, top_k=1))
     assert kept.sum() == 1 and kept[0, PLANT_LAYER, neuron]
 
 
@@ -173,15 +181,19 @@ def test_planted_neuron_is_found_by_every_method(tiny_llama_dir, name):
 
 def test_selection_criteria_combine():
     scores = torch.tensor([[[5.0, 1.0, 0.0, 2.0], [4.0, -3.0, 0.5, 1.6]]])  # [P=1, L=2, F=4]
-    assert select(scores, LocalizationConfig(threshold=0.3)).tolist() == [[[True, False, False, True], [True, False, False, True]]]
-    assert select(scores, LocalizationConfig(threshold=None, top_k=2)).tolist() == [[[True, False, False, False], [True, False, False, False]]]
-    both = select(scores, LocalizationConfig(threshold=0.3, top_k=3))  # 5, 4, 2 by rank; all above 1.5
+    assert select_neurons(scores, LocalizationConfig(threshold=0.3)).tolist() == [
+        [[True, False, False, True], [True, False, False, True]]
+    ]
+    assert select_neurons(scores, LocalizationConfig(threshold=None, top_k=2)).tolist() == [
+        [[True, False, False, False], [True, False, False, False]]
+    ]
+    both = select_neurons(scores, LocalizationConfig(threshold=0.3, top_k=3))  # 5, 4, 2 by rank; all above 1.5
     assert both.sum() == 3 and both[0, 0, 3]
-    only_last = select(scores, LocalizationConfig(threshold=0.5, layers=[-1]))  # max is then 4: keep > 2
+    only_last = select_neurons(scores, LocalizationConfig(threshold=0.5, layers=[-1]))  # max is then 4: keep > 2
     assert only_last.tolist() == [[[False] * 4, [True, False, False, False]]]
     with pytest.raises(ValueError, match="layers holds 5"):
-        select(scores, LocalizationConfig(layers=[5]))
-    assert not select(torch.zeros(1, 2, 4), LocalizationConfig()).any()  # nothing scores: nothing kept
+        select_neurons(scores, LocalizationConfig(layers=[5]))
+    assert not select_neurons(torch.zeros(1, 2, 4), LocalizationConfig()).any()  # nothing scores: nothing kept
 
 
 @pytest.mark.parametrize(
@@ -200,7 +212,10 @@ def test_bad_localization_settings_say_which(bad, match):
         LocalizationConfig(**bad)
 
 
-@pytest.mark.parametrize("bad, match", [({"method": "saliency"}, "method"), ({"memory_budget_mb": 0}, "memory_budget"), ({"batch_rows": 0}, "batch_rows")])
+@pytest.mark.parametrize(
+    "bad, match",
+    [({"method": "saliency"}, "method"), ({"memory_budget_mb": 0}, "memory_budget"), ({"batch_rows": 0}, "batch_rows")],
+)
 def test_bad_attribution_settings_say_which(bad, match):
     with pytest.raises(ValueError, match=match):
         AttributionConfig(**bad)
@@ -219,7 +234,14 @@ def test_categories_follow_the_definition(tiny_llama_dir, toy_records, fraction)
     mask = locate(model, tok, arch, toy_records[0], "fr", cfg)
     # Each language's set equals the set a single-language run finds.
     for lang in langs:
-        alone = locate(model, tok, arch, toy_records[0], lang, LocalizationConfig(attribution=attr, cross_languages=[lang], threshold=0.2))
+        alone = locate(
+            model,
+            tok,
+            arch,
+            toy_records[0],
+            lang,
+            LocalizationConfig(attribution=attr, cross_languages=[lang], threshold=0.2),
+        )
         assert _set(mask.languages[lang]) == _set(alone.category("independent"))
     sets = [_set(mask.languages[l]) for l in langs]
     need = 3 if fraction == 1.0 else 2  # ceil(0.6 x 3)
@@ -231,7 +253,9 @@ def test_categories_follow_the_definition(tiny_llama_dir, toy_records, fraction)
 
 def test_max_per_layer_caps_each_category(tiny_llama_dir, toy_records):
     model, tok, arch = _tiny(tiny_llama_dir)
-    cfg = LocalizationConfig(attribution=AttributionConfig(steps=3), cross_languages=["en"], threshold=0.05, max_per_layer=2)
+    cfg = LocalizationConfig(
+        attribution=AttributionConfig(steps=3), cross_languages=["en"], threshold=0.05, max_per_layer=2
+    )
     mask = locate(model, tok, arch, toy_records[0], "fr", cfg)
     assert all(len(idx) <= 2 for cat in ("independent", "specific") for idx in mask.category(cat).values())
     assert mask.count() > 0
@@ -239,7 +263,13 @@ def test_max_per_layer_caps_each_category(tiny_llama_dir, toy_records):
 
 def test_activation_method_needs_no_answer(tiny_llama_dir, toy_records):
     model, tok, arch = _tiny(tiny_llama_dir)
-    cfg = LocalizationConfig(attribution=AttributionConfig(method="activation"), cross_languages=["en", "fr", "de"], threshold=None, top_k=20, prompt_fraction=1.0)
+    cfg = LocalizationConfig(
+        attribution=AttributionConfig(method="activation"),
+        cross_languages=["en", "fr", "de"],
+        threshold=None,
+        top_k=20,
+        prompt_fraction=1.0,
+    )
     mask = locate(model, tok, arch, toy_records[0], "en", cfg)
     for lang in ["en", "fr", "de"]:
         assert 0 < len(_set(mask.languages[lang])) <= 20
@@ -259,7 +289,7 @@ def test_localisation_leaves_model_unchanged_and_is_deterministic(tiny_llama_dir
 
 
 def test_missing_cross_language_is_a_record_error(tiny_llama_dir, toy_records):
-    from mke_lightning.records import RecordError
+    from mke_lightning.data.records import RecordError
 
     model, tok, arch = _tiny(tiny_llama_dir)
     with pytest.raises(RecordError, match="'zh'.*cross_languages") as err:
@@ -297,15 +327,18 @@ def test_unreadable_mask_file_is_a_clear_error(tmp_path):
 
 
 def test_the_cache_key_of_existing_settings_does_not_move_when_settings_are_added():
-    """MzsRE MEMLA's earlier settings (configs/mzsre/memla.yaml with 10 evenly spaced points) keep the digest their masks were cached under
-    before ``background`` and ``relative_to_background`` existed; a setting at a new value does move it."""
+    """MzsRE MEMLA's earlier settings (configs/mzsre/memla.yaml with 10 evenly spaced points) keep the digest
+    their masks were cached under before ``background`` and ``relative_to_background`` existed; a setting at a
+    new value does move it."""
     from dataclasses import replace
 
-    from mke_lightning.neuron_cache import _digest, settings_key
+    from mke_lightning.localization.cache import _digest, settings_key
 
     memla = LocalizationConfig(
         attribution=AttributionConfig(method="integrated_gradients", ig_path="all_layers", steps=10, baseline="zero"),
         threshold=0.3, cross_languages=["en", "zh", "fr"], language_fraction=1.0,
     )
     assert _digest(settings_key(memla, "en")).startswith("443790154b733476")
-    assert _digest(settings_key(replace(memla, relative_to_background=True), "en")) != _digest(settings_key(memla, "en"))
+    assert _digest(settings_key(replace(memla, relative_to_background=True), "en")) != _digest(
+        settings_key(memla, "en")
+    )

@@ -11,12 +11,17 @@ import pytest
 import torch
 from torch import nn
 
-from mke_lightning.architectures import ArchSpec, mlp_out_modules
-from mke_lightning.attribution import (
-    QUADRATURES, AttributionConfig, attribute_rows, attribute_rows_loop, last_position_patch, quadrature_points,
+from mke_lightning.localization.attribution import (
+    QUADRATURES,
+    AttributionConfig,
+    attribute_rows,
+    attribute_rows_loop,
+    last_position_patch,
+    quadrature_points,
 )
-from mke_lightning.localization import LocalizationConfig
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
+from mke_lightning.localization.locate import LocalizationConfig
+from mke_lightning.modeling.architectures import ArchSpec, mlp_out_modules
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 
 def _tiny(folder):
@@ -39,7 +44,7 @@ def _direct_even_ig(model, arch, row, target, steps) -> torch.Tensor:
     total = torch.zeros(len(modules), clean[0].shape[-1])
     for k in range(1, steps + 1):
         leaves = {l: (clean[l] * k / steps).requires_grad_(True) for l in clean}
-        with last_position_patch(modules, lambda l, x: leaves[l]):
+        with last_position_patch(modules, lambda l, x, leaves=leaves: leaves[l]):
             prob = torch.softmax(model(input_ids=ids).logits[0, -1], -1)[target]
         for l, g in zip(leaves, torch.autograd.grad(prob, list(leaves.values()))):
             total[l] += g[0]
@@ -55,7 +60,9 @@ def test_default_is_the_evenly_spaced_path(tiny_llama_dir, prefix_cache):
     default = AttributionConfig(steps=6, batch_rows=5, prefix_cache=prefix_cache)
     assert default.quadrature == "right_riemann"
     got = attribute_rows(model, arch, rows, targets, default, pad_id=tok.pad_token_id)  # [2, L, F]
-    named = attribute_rows(model, arch, rows, targets, replace(default, quadrature="right_riemann"), pad_id=tok.pad_token_id)
+    named = attribute_rows(
+        model, arch, rows, targets, replace(default, quadrature="right_riemann"), pad_id=tok.pad_token_id
+    )
     loop = attribute_rows_loop(model, arch, rows, targets, default)
     assert torch.equal(got, named)
     for i, (row, tgt) in enumerate(zip(rows, targets)):
@@ -135,7 +142,9 @@ class _PolynomialLM(nn.Module):
 def _poly_scores(model, rule, points) -> torch.Tensor:
     cfg = AttributionConfig(steps=points, quadrature=rule, prefix_cache=False, batch_rows=4)
     rows = [[1, 3, 5], [2, 6], [4]]
-    return attribute_rows(model, ArchSpec(layers="layers", mlp_out="mlp.down_proj"), rows, [1, 1, 1], cfg, pad_id=0), rows
+    return attribute_rows(
+        model, ArchSpec(layers="layers", mlp_out="mlp.down_proj"), rows, [1, 1, 1], cfg, pad_id=0
+    ), rows
 
 
 def test_gauss_legendre_is_exact_on_a_polynomial_path():
@@ -175,7 +184,9 @@ def test_completeness_on_a_tiny_llama(tiny_llama_dir):
     gaps = [prob(r, t, False) - prob(r, t, True) for r, t in zip(rows, targets)]
     err = {}
     for rule, points in [("gauss_legendre", 12), ("gauss_legendre", 4), ("right_riemann", 4)]:
-        s = attribute_rows(model, arch, rows, targets, AttributionConfig(steps=points, quadrature=rule), pad_id=tok.pad_token_id)
+        s = attribute_rows(
+            model, arch, rows, targets, AttributionConfig(steps=points, quadrature=rule), pad_id=tok.pad_token_id
+        )
         err[rule, points] = max(abs(float(s[i].sum()) - gap) for i, gap in enumerate(gaps))
     assert err["gauss_legendre", 12] < 1e-5 + 1e-3 * max(abs(g) for g in gaps)
     assert err["gauss_legendre", 4] < err["right_riemann", 4]
@@ -193,10 +204,13 @@ def test_batched_and_loop_agree_for_every_rule(tiny_llama_dir):
 
 
 def test_the_rule_is_part_of_the_mask_cache_key_except_at_its_default():
-    from mke_lightning.neuron_cache import _digest, settings_key
+    from mke_lightning.localization.cache import _digest, settings_key
 
     base = LocalizationConfig(attribution=AttributionConfig(steps=10), cross_languages=["en", "zh", "fr"])
-    keys = {rule: _digest(settings_key(replace(base, attribution=replace(base.attribution, quadrature=rule)), "en")) for rule in QUADRATURES}
+    keys = {
+        rule: _digest(settings_key(replace(base, attribution=replace(base.attribution, quadrature=rule)), "en"))
+        for rule in QUADRATURES
+    }
     assert len(set(keys.values())) == len(QUADRATURES)
     assert "quadrature" not in settings_key(base, "en")["attribution"]
 
@@ -210,11 +224,13 @@ def test_real_model_gauss_legendre_masks_match_the_20_step_reference(real_model,
 
     from mke_lightning.data.mzsre import MzsreParser
     from mke_lightning.data.source import RecordSource
-    from mke_lightning.localization import locate
+    from mke_lightning.localization.locate import locate
 
     model, tok, arch = real_model
     records = list(itertools.islice(RecordSource(MzsreParser(mzsre_dir, ["en", "zh", "fr"])), 3))
-    ref_cfg = LocalizationConfig(attribution=AttributionConfig(steps=20), threshold=0.3, cross_languages=["en", "zh", "fr"])
+    ref_cfg = LocalizationConfig(
+        attribution=AttributionConfig(steps=20), threshold=0.3, cross_languages=["en", "zh", "fr"]
+    )
     fast_cfg = replace(ref_cfg, attribution=replace(ref_cfg.attribution, quadrature=FAST[0], steps=FAST[1]))
     scores = []
     for record in records:

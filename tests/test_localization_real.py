@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import pytest
 
-from mke_lightning.attribution import AttributionConfig, attribute_rows, attribute_rows_loop
 from mke_lightning.data import demo_records
-from mke_lightning.localization import LocalizationConfig
-from mke_lightning.localization_stage import localize_records
-from mke_lightning.neuron_cache import MaskCache, model_fingerprint
-from mke_lightning.scoring import encode_continuation, encode_prompt
+from mke_lightning.localization.attribution import AttributionConfig, attribute_rows, attribute_rows_loop
+from mke_lightning.localization.cache import MaskCache, model_fingerprint
+from mke_lightning.localization.locate import LocalizationConfig
+from mke_lightning.localization.stage import localize_records
+from mke_lightning.modeling.forward import encode_continuation, encode_prompt
 
 pytestmark = pytest.mark.real_model
 
 
 def test_real_model_batched_equals_loop_and_cache_round_trip(real_model, tmp_path):
     model, tok, arch = real_model
-    rows = [encode_prompt(tok, "The Eiffel Tower is located in the city of"), encode_prompt(tok, "La tour Eiffel se trouve à")]
+    rows = [
+        encode_prompt(tok, "The Eiffel Tower is located in the city of"),
+        encode_prompt(tok, "La tour Eiffel se trouve à"),
+    ]
     targets = [encode_continuation(tok, " Paris")[0]] * 2
     cfg = AttributionConfig(steps=3)
     batched = attribute_rows(model, arch, rows, targets, cfg, pad_id=tok.pad_token_id)
@@ -40,7 +43,12 @@ def test_real_model_busy_neurons_are_few_and_editing_one_moves_unrelated_text(re
     prompts, and the same value-vector change moves unrelated text far more through a busy neuron."""
     import torch
 
-    from mke_lightning.background import BackgroundConfig, background_prompts, busy_neurons, neuron_activity
+    from mke_lightning.localization.background import (
+        BackgroundConfig,
+        background_prompts,
+        busy_neurons,
+        neuron_activity,
+    )
 
     model, tok, arch = real_model
     activity = neuron_activity(model, tok, arch, background_prompts(BackgroundConfig()))
@@ -70,9 +78,14 @@ def test_real_model_busy_neurons_are_few_and_editing_one_moves_unrelated_text(re
 def test_real_model_lafn_neurons_by_raw_activation_are_busy_and_relative_ones_are_not(real_model, mzsre_dir):
     """LAFN's reading on MzsRE record 0, 12 languages: the neurons active in every language by raw
     magnitude are mostly busy ones; scored against their usual activity, none is."""
-    from mke_lightning.background import BackgroundConfig, busy_neurons, neuron_activity, background_prompts
     from mke_lightning.data import read_mzsre
-    from mke_lightning.localization import locate
+    from mke_lightning.localization.background import (
+        BackgroundConfig,
+        background_prompts,
+        busy_neurons,
+        neuron_activity,
+    )
+    from mke_lightning.localization.locate import locate
 
     model, tok, arch = real_model
     langs = ["en", "cs", "de", "nl", "es", "fr", "pt", "ru", "th", "tr", "vi", "zh"]
@@ -83,7 +96,11 @@ def test_real_model_lafn_neurons_by_raw_activation_are_busy_and_relative_ones_ar
     relative = LocalizationConfig(**{**raw.__dict__, "top_k": 500, "relative_to_background": True})
 
     def split(cfg):
-        neurons = [(l, i) for l, idx in locate(model, tok, arch, record, "en", cfg).category("independent").items() for i in idx]
+        neurons = [
+            (l, i)
+            for l, idx in locate(model, tok, arch, record, "en", cfg).category("independent").items()
+            for i in idx
+        ]
         return len(neurons), sum(i in busy.get(l, ()) for l, i in neurons)
 
     n_raw, busy_raw = split(raw)

@@ -14,17 +14,16 @@ import pytest
 import torch
 import yaml
 
-import mke_lightning.localization_stage as stage
-from mke_lightning.attribution import AttributionConfig
-from mke_lightning.callbacks import NeuronLocalization
-from mke_lightning.localization import LocalizationConfig, locate
-from mke_lightning.localization_stage import assign, localize_records
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.neuron_cache import MaskCache, model_fingerprint
-from mke_lightning.neurons import NeuronMask
-from mke_lightning.records import record_from_dict
-
+import mke_lightning.localization.stage as stage
 from conftest import REPO, toy_record, write_jsonl
+from mke_lightning.callbacks import NeuronLocalization
+from mke_lightning.data.records import record_from_dict
+from mke_lightning.localization.attribution import AttributionConfig
+from mke_lightning.localization.cache import MaskCache, model_fingerprint
+from mke_lightning.localization.locate import LocalizationConfig, locate
+from mke_lightning.localization.neurons import NeuronMask
+from mke_lightning.localization.stage import assign, localize_records
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 CFG = LocalizationConfig(attribution=AttributionConfig(steps=3), cross_languages=["en", "fr"], threshold=0.3)
 
@@ -65,7 +64,9 @@ def test_cache_is_reused_and_invalidated(tmp_path, tiny_llama_dir, monkeypatch):
     files = sorted((tmp_path).rglob("*.safetensors"))
     assert len(files) == 2
     meta = NeuronMask.load(files[0]).metadata
-    assert meta["method"] == "integrated_gradients" and meta["settings"]["threshold"] == 0.3 and meta["model_fingerprint"]
+    assert (
+        meta["method"] == "integrated_gradients" and meta["settings"]["threshold"] == 0.3 and meta["model_fingerprint"]
+    )
 
     calls.clear()
     again = _run(model, tok, arch, records, CFG, tmp_path)
@@ -73,7 +74,9 @@ def test_cache_is_reused_and_invalidated(tmp_path, tiny_llama_dir, monkeypatch):
     assert all(again.masks[i].same_neurons(first.masks[i]) for i in ("r0", "r1"))
 
     # Speed-only settings share the cache; every other setting recomputes.
-    faster = LocalizationConfig(attribution=AttributionConfig(steps=3, batch_rows=2, prefix_cache=False), cross_languages=["en", "fr"])
+    faster = LocalizationConfig(
+        attribution=AttributionConfig(steps=3, batch_rows=2, prefix_cache=False), cross_languages=["en", "fr"]
+    )
     _run(model, tok, arch, records, faster, tmp_path)
     assert calls == []
     for changed in (
@@ -251,7 +254,9 @@ def test_two_gloo_processes_find_the_same_masks_as_one(tmp_path, tiny_llama_dir)
     args = _localize_args(two, tiny_llama_dir, two / "cache", n=5)
     args += ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "mke_lightning.cli", *args], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "mke_lightning.cli", *args], env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout + done.stderr
     # Each rank computed its own records and then held all of them.

@@ -9,13 +9,12 @@ import json
 import pytest
 import torch
 
-from mke_lightning.editor import KnowledgeEditor
-from mke_lightning.key_statistics import KeyStatistics, KeyStatsConfig, null_space_projector
-from mke_lightning.methods.locate_edit import SolveConfig, subject_end
-from mke_lightning.model_loading import ModelConfig
-from mke_lightning.scoring import encode_prompt, left_pad
-
 from conftest import out_projection_changes, toy_record, two_fact_records
+from mke_lightning.editing.editor import KnowledgeEditor
+from mke_lightning.editing.key_statistics import KeyStatistics, KeyStatsConfig, null_space_projector
+from mke_lightning.editing.methods.locate_edit import SolveConfig, subject_end
+from mke_lightning.modeling.forward import encode_prompt, left_pad
+from mke_lightning.modeling.loading import ModelConfig
 
 TEXT = ["the capital of france is paris", "honey is made by bees", "the sky is blue", "der himmel ist blau"]
 
@@ -226,7 +225,7 @@ def test_the_edit_raises_the_new_target(tiny_llama_dir):
     """A random tiny model barely carries one token's MLP output to a later position, so the subject
     ends this prompt: the solved update must at least double P(new target) from about 1 / vocabulary
     (its final norm and small head weights cap how far one hidden state can move the logits)."""
-    from mke_lightning.records import record_from_dict
+    from mke_lightning.data.records import record_from_dict
 
     raw = toy_record("end")
     raw["languages"]["en"].update(prompt="the capital of the tower", subject="tower")
@@ -259,7 +258,6 @@ def test_methods_refuse_missing_or_wrong_layers():
 @pytest.mark.parametrize("method,layers", [("alphaedit", "[0, 1]"), ("rome", "[1]")])
 def test_a_locate_then_edit_method_runs_through_mke_fit(tmp_path, tiny_llama_dir, method, layers):
     from mke_lightning.cli import cli_main
-
     from test_cli import _toy_args
 
     args = _toy_args(tmp_path, tiny_llama_dir) + [
@@ -279,7 +277,7 @@ def test_a_locate_then_edit_method_runs_through_mke_fit(tmp_path, tiny_llama_dir
 def test_the_rows_other_positions_are_every_token_but_bos_the_subject_and_padding(tiny_llama_dir, toy_records):
     """``keep_other_positions`` fits ``ΔW k ≈ 0`` on these keys: each NLL row's prompt and target tokens
     (the row as the optimiser ran it) less its BOS and its subject's last token, nothing of the padding."""
-    from mke_lightning.methods.locate_edit import EditRows
+    from mke_lightning.editing.methods.locate_edit import EditRows
 
     ed = _editor(tiny_llama_dir, "memit", [1])
     impl = ed.method_impl
@@ -294,7 +292,7 @@ def test_the_rows_other_positions_are_every_token_but_bos_the_subject_and_paddin
         ids = torch.tensor([rows.prompts[i] + rows.targets[i][:-1]])
         caught = {}
         h = ed.causal_lm.get_submodule(ed.arch.mlp_out_name(1)).register_forward_pre_hook(
-            lambda m, a: caught.__setitem__("k", a[0][0]))
+            lambda m, a, caught=caught: caught.__setitem__("k", a[0][0]))
         with torch.no_grad():
             ed.causal_lm(input_ids=ids)
         h.remove()
@@ -307,7 +305,7 @@ def test_the_rows_other_positions_are_every_token_but_bos_the_subject_and_paddin
 
 
 def test_the_cached_prefix_gives_the_same_logits(model_dir, toy_records):
-    from mke_lightning.methods.locate_edit import CachedRows, EditRows, PackedRows
+    from mke_lightning.editing.methods.locate_edit import CachedRows, EditRows, PackedRows
 
     ed = _editor(model_dir, "rome", [1])
     rows = EditRows(ed.tokenizer, toy_records, ["en", "fr"], "en", ed.method_impl.contexts() + ["the city"])
@@ -332,7 +330,7 @@ def test_real_alphaedit_edit_holds_and_leaves_its_locality_probe(real_model, mzs
     import yaml
 
     from mke_lightning.data import read_mzsre
-    from mke_lightning.evaluation import EditEvaluator, build_items
+    from mke_lightning.evaluation.evaluator import EditEvaluator, build_items
 
     model, tok, arch = real_model
     solve = yaml.safe_load(open("configs/mzsre/alphaedit.yaml"))["model"]["solve"]

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from mke_lightning.cli import cli_main
-from mke_lightning.methods import EditMethod, method_class, method_names, register
-from mke_lightning.neuron_delta import NeuronDelta
-
+from mke_lightning.editing.methods import EditMethod, method_class, method_names, register
+from mke_lightning.editing.neuron_delta import NeuronDelta
 from test_cli import _toy_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,14 +79,19 @@ def test_a_taken_name_is_refused():
 def test_no_generic_code_branches_on_an_edit_method_name():
     names = "\\|".join(["memla", "lora", "ft_l", "lafn", "rome", "memit", "alphaedit"])
     pattern = rf"method\(_name\)\? *\(==\|!=\|in\) *[(\[]\?[\"']\({names}\)"  # e.g. self.method == "lafn"
-    found = subprocess.run(["grep", "-rn", pattern, "mke_lightning", "callbacks"], cwd=REPO, capture_output=True, text=True).stdout
+    found = subprocess.run(
+        ["grep", "-rn", pattern, "mke_lightning", "callbacks"], cwd=REPO, capture_output=True, text=True
+    ).stdout
     assert [line for line in found.splitlines() if "/methods/" not in line] == []
 
 
 def test_the_top_level_names_import_lazily():
-    code = ("import sys, mke_lightning as m; assert 'mke_lightning.editor' not in sys.modules; "
-            "from mke_lightning import KnowledgeEditor, EditDataModule, NeuronLocalization, register_method; "
-            "assert KnowledgeEditor.__module__ == 'mke_lightning.editor' and register_method is m.methods.register")
+    code = (
+        "import sys, mke_lightning as m; assert 'mke_lightning.editing.editor' not in sys.modules; "
+        "from mke_lightning import KnowledgeEditor, EditDataModule, NeuronLocalization, register_method; "
+        "assert KnowledgeEditor.__module__ == 'mke_lightning.editing.editor' "
+        "and register_method is m.editing.methods.register"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
 

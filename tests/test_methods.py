@@ -5,15 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mke_lightning.editor import EditLossConfig, KnowledgeEditor
-from mke_lightning.evaluation import EditEvaluator, build_items
-from mke_lightning.masked_lora import LoRAConfig
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.neurons import NeuronMask
-from mke_lightning.records import record_from_dict
-from mke_lightning.value_update import ValueUpdateConfig
-
 from conftest import out_projection_changes, toy_record
+from mke_lightning.data.records import record_from_dict
+from mke_lightning.editing.editor import EditLossConfig, KnowledgeEditor
+from mke_lightning.editing.masked_lora import LoRAConfig
+from mke_lightning.editing.value_update import ValueUpdateConfig
+from mke_lightning.evaluation.evaluator import EditEvaluator, build_items
+from mke_lightning.localization.neurons import NeuronMask
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 MASK = NeuronMask("toy-1", {"independent": {0: [1, 5], 1: [9]}, "specific": {1: [3, 7]}})
 

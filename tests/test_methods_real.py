@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mke_lightning.attribution import AttributionConfig
 from mke_lightning.data import read_mzsre
-from mke_lightning.editor import EditLossConfig, KnowledgeEditor
-from mke_lightning.evaluation import EditEvaluator, build_items
-from mke_lightning.localization import LocalizationConfig, locate
-from mke_lightning.masked_lora import LoRAConfig
-from mke_lightning.value_update import ValueUpdateConfig
+from mke_lightning.editing.editor import EditLossConfig, KnowledgeEditor
+from mke_lightning.editing.masked_lora import LoRAConfig
+from mke_lightning.editing.value_update import ValueUpdateConfig
+from mke_lightning.evaluation.evaluator import EditEvaluator, build_items
+from mke_lightning.localization.attribution import AttributionConfig
+from mke_lightning.localization.locate import LocalizationConfig, locate
 
 pytestmark = pytest.mark.real_model
 

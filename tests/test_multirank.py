@@ -16,11 +16,10 @@ import pytest
 import torch
 import yaml
 
-from mke_lightning.editor import KnowledgeEditor
-from mke_lightning.export import read_deltas
-from mke_lightning.neurons import NeuronMask
-
 from conftest import REPO, toy_record, write_jsonl
+from mke_lightning.editing.editor import KnowledgeEditor
+from mke_lightning.editing.export import read_deltas
+from mke_lightning.localization.neurons import NeuronMask
 
 N_RECORDS = 9  # 2 ranks x batch 2: global batches of 4, 4 and 1 (rank 1 pads the last with an empty batch)
 TARGETS = ["rome", "berlin", "madrid", "italy", "spain", "germany", "tower", "city", "country"]
@@ -67,15 +66,31 @@ def _config(tmp_path: Path, model_dir: Path, protocol: str) -> Path:
         records.append(rec)
     cfg = {
         "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "enable_checkpointing": False,
-                    "enable_model_summary": False, "enable_progress_bar": False, "num_sanity_val_steps": 0,
-                    "limit_val_batches": 0, "log_every_n_steps": 1},
-        "model": {"lm": {"name_or_path": str(model_dir)}, "protocol": protocol, "save_deltas": True,
-                  "lora": {"merge_scale": 1.0},
-                  # kl_weight: rank 0 carries the anchors' KL term for the whole batch
-                  "loss": {"max_steps": 6, "kl_weight": 0.5, "stop_loss": 9.4},  # the first batch stops early
-                  "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.05}}},
-        "data": {"format": "jsonl", "path": str(write_jsonl(tmp_path / "nine.jsonl", records)), "eval_languages": ["en"]},
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_epochs": 1,
+            "enable_checkpointing": False,
+            "enable_model_summary": False,
+            "enable_progress_bar": False,
+            "num_sanity_val_steps": 0,
+            "limit_val_batches": 0,
+            "log_every_n_steps": 1,
+        },
+        "model": {
+            "lm": {"name_or_path": str(model_dir)},
+            "protocol": protocol,
+            "save_deltas": True,
+            "lora": {"merge_scale": 1.0},
+            # kl_weight: rank 0 carries the anchors' KL term for the whole batch
+            "loss": {"max_steps": 6, "kl_weight": 0.5, "stop_loss": 9.4},  # the first batch stops early
+            "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.05}},
+        },
+        "data": {
+            "format": "jsonl",
+            "path": str(write_jsonl(tmp_path / "nine.jsonl", records)),
+            "eval_languages": ["en"],
+        },
     }
     path = tmp_path / "multirank.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -91,10 +106,24 @@ def _free_port() -> int:
 def _launch(config: Path, out: Path, nodes: int, node_rank: int, batch_size: int, port: int) -> subprocess.Popen:
     """``mke fit`` as one node of ``nodes`` (one device each), as SLURM or a launcher on each node would start it."""
     out.mkdir(parents=True, exist_ok=True)
-    args = ["fit", "--config", str(config), "--data.batch_size", str(batch_size), "--trainer.num_nodes", str(nodes),
-            "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(out.parent / "runs"),
-            "--trainer.logger.name", out.name,
-            "--trainer.callbacks+=test_multirank.EditedWeights", "--trainer.callbacks.out_dir", str(out)]
+    args = [
+        "fit",
+        "--config",
+        str(config),
+        "--data.batch_size",
+        str(batch_size),
+        "--trainer.num_nodes",
+        str(nodes),
+        "--trainer.logger",
+        "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.save_dir",
+        str(out.parent / "runs"),
+        "--trainer.logger.name",
+        out.name,
+        "--trainer.callbacks+=test_multirank.EditedWeights",
+        "--trainer.callbacks.out_dir",
+        str(out),
+    ]
     if nodes > 1:
         args += ["--trainer.strategy", "ddp_editing"]
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK=str(node_rank), LOCAL_RANK="0",
@@ -126,11 +155,17 @@ def test_two_nodes_edit_exactly_as_one_process_with_the_whole_batch(protocol, tm
     ranks = [torch.load(tmp_path / "two" / f"rank{r}.pt") for r in range(2)]
 
     batches = [[f"r{i}" for i in range(k, min(k + 4, N_RECORDS))] for k in range(0, N_RECORDS, 4)]
-    assert sorted(one["edited"]) == sorted([*ranks[0]["edited"], *ranks[1]["edited"]]) == [f"r{i}" for i in range(N_RECORDS)]
+    assert (
+        sorted(one["edited"])
+        == sorted([*ranks[0]["edited"], *ranks[1]["edited"]])
+        == [f"r{i}" for i in range(N_RECORDS)]
+    )
     for rank in ranks:  # the same number of steps and the same loss (the whole batch's) as one process
         for rid, (steps, loss) in rank["edited"].items():
             assert steps == one["edited"][rid][0] and abs(loss - one["edited"][rid][1]) < 1e-5, rid
-    assert len(one["steps"]) == len(ranks[0]["steps"]) == len(ranks[1]["steps"]) == len(batches)  # rank 1's last batch is empty
+    assert (
+        len(one["steps"]) == len(ranks[0]["steps"]) == len(ranks[1]["steps"]) == len(batches)
+    )  # rank 1's last batch is empty
     if protocol == "sequential":
         assert one["applied"] == ranks[0]["applied"] == ranks[1]["applied"] == batches
     else:
@@ -153,9 +188,9 @@ def test_two_nodes_edit_exactly_as_one_process_with_the_whole_batch(protocol, tm
 
 
 def test_the_update_starts_the_same_whatever_was_drawn_before(tiny_llama_dir):
-    from mke_lightning.masked_lora import LoRAConfig
-    from mke_lightning.model_loading import ModelConfig, load_causal_lm
-    from mke_lightning.records import record_from_dict
+    from mke_lightning.data.records import record_from_dict
+    from mke_lightning.editing.masked_lora import LoRAConfig
+    from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
     record = record_from_dict(toy_record("r1"), source="toy.jsonl", index=0)
     deltas = []

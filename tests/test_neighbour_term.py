@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from mke_lightning.editor import KnowledgeEditor
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.objective import EditLossConfig, NeighbourKL, kl_from
-from mke_lightning.records import record_from_dict
-
 from conftest import toy_record
+from mke_lightning.data.records import record_from_dict
+from mke_lightning.editing.editor import KnowledgeEditor
+from mke_lightning.editing.objective import EditLossConfig, NeighbourKL, kl_from
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 
 def _record(rid="n1", subject="tower"):
@@ -37,7 +36,7 @@ def test_prompts_replace_the_subject_deterministically_and_skip_excluded_names(t
 
 
 def test_the_term_starts_at_zero_and_an_edit_with_it_runs(tiny_llama_dir):
-    from mke_lightning.value_update import ValueUpdateConfig
+    from mke_lightning.editing.value_update import ValueUpdateConfig
 
     ed = KnowledgeEditor(loss=EditLossConfig(max_steps=3, neighbour_weight=1.0, neighbours=2), method="ft_l",
                          values=ValueUpdateConfig(layers=[1]), optimizer=lambda p: torch.optim.Adam(p, lr=0.05))
@@ -46,7 +45,7 @@ def test_the_term_starts_at_zero_and_an_edit_with_it_runs(tiny_llama_dir):
     ed.neighbours.names = {"en": ["paris", "rome", "berlin"]}
     ids, logp = ed.neighbours.rows(ed.causal_lm, ed.tokenizer, [rec], ed.device)
     assert len(ids) == 2 and logp.shape[0] == 2
-    from mke_lightning.scoring import kept_logits, pack
+    from mke_lightning.modeling.forward import kept_logits, pack
 
     now = kept_logits(ed.causal_lm, pack(ids, [[0]] * 2, ed.tokenizer.pad_token_id))[:, -1]
     assert float(kl_from(logp, now)) < 1e-6

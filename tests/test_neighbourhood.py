@@ -8,21 +8,25 @@ import copy
 import pytest
 import torch
 
-from mke_lightning.aggregate import MEASURES_BEFORE_NEIGHBORHOOD, EvalAggregate
-from mke_lightning.evaluation import MEASURES, EditEvaluator, Item, build_items
-from mke_lightning.metrics import normalize
-from mke_lightning.neighbourhood import NeighbourhoodConfig, NeighbourPool, template_of
-from mke_lightning.records import record_from_dict
-from mke_lightning.scoring import encode_continuation, encode_prompt
+from mke_lightning.data.records import record_from_dict
+from mke_lightning.evaluation.aggregate import MEASURES_BEFORE_NEIGHBORHOOD, EvalAggregate
+from mke_lightning.evaluation.evaluator import MEASURES, EditEvaluator, Item, build_items
+from mke_lightning.evaluation.metrics import normalize
+from mke_lightning.evaluation.neighbourhood import NeighbourhoodConfig, NeighbourPool, template_of
+from mke_lightning.modeling.forward import encode_continuation, encode_prompt
 
 LANGS = ["en", "fr"]
 
 
 def _rec(rid, en_subject, en_prompt, fr_subject, fr_prompt, new="rome", paraphrase=None):
-    block = lambda subject, prompt: {"subject": subject, "prompt": prompt, "target_new": new,
-                                     "paraphrases": [paraphrase or prompt + " the"],
-                                     "locality": [{"prompt": "honey is made by", "answer": "bees"}]}
-    return record_from_dict({"id": rid, "languages": {"en": block(en_subject, en_prompt), "fr": block(fr_subject, fr_prompt)}})
+    def block(subject, prompt):
+        return {"subject": subject, "prompt": prompt, "target_new": new,
+                                         "paraphrases": [paraphrase or prompt + " the"],
+                                         "locality": [{"prompt": "honey is made by", "answer": "bees"}]}
+
+    return record_from_dict(
+        {"id": rid, "languages": {"en": block(en_subject, en_prompt), "fr": block(fr_subject, fr_prompt)}}
+    )
 
 
 def _records():
@@ -50,10 +54,16 @@ def test_template_and_subject_replacement():
     # two neighbours: those that ask the same question come first
     assert sorted(pool.neighbours(a)) == ["b", "c"]
     got = pool.prompts(a)
-    assert sorted(got["en"]) == [("the capital of italy is", "b", "template"), ("the capital of spain is", "c", "template")]
+    assert sorted(got["en"]) == [
+        ("the capital of italy is", "b", "template"),
+        ("the capital of spain is", "c", "template"),
+    ]
     # fr: a's subject cannot be placed in its prompt, so the neighbours that ask a's question in the
     # edit language give their own fr prompt
-    assert sorted(got["fr"]) == [("la capitale de italy est", "b", "edit_template"), ("la ville de spain est", "c", "edit_template")]
+    assert sorted(got["fr"]) == [
+        ("la capitale de italy est", "b", "edit_template"),
+        ("la ville de spain est", "c", "edit_template"),
+    ]
 
     # more neighbours than records asking the same question: a's prompt about the others' subjects
     pool = NeighbourPool(records, LANGS, "en", NeighbourhoodConfig(per_edit=5))
@@ -93,7 +103,9 @@ def test_never_the_record_itself_nor_its_own_prompts_and_deterministic():
     pool = NeighbourPool(many, LANGS, "en", NeighbourhoodConfig(per_edit=5, seed=0))
     first = pool.neighbours(many[0])
     assert len(first) == 5 and "r000" not in first and first == pool.neighbours(many[0])
-    assert {tuple(NeighbourPool(many, LANGS, "en", NeighbourhoodConfig(5, s)).neighbours(many[0])) for s in range(4)} != {tuple(first)}
+    assert {
+        tuple(NeighbourPool(many, LANGS, "en", NeighbourhoodConfig(5, s)).neighbours(many[0])) for s in range(4)
+    } != {tuple(first)}
 
 
 def test_a_record_without_placeable_neighbours_reports_none_not_zero():
@@ -161,7 +173,10 @@ def test_scores_equal_the_agreement_with_the_pre_edit_model_computed_directly(ti
     refs = ev.references(model, items)
     edited = _edited(model)
     rows = ev.score(edited, items, refs)
-    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)
+
+    def decode(ids):
+        return tok.decode(ids, skip_special_tokens=True)
+
     end = tok.eos_token_id
     moved = 0
     for i, (it, row) in enumerate(zip(items, rows)):
@@ -252,14 +267,12 @@ def test_the_callback_reports_the_measure_in_every_file_and_table(tmp_path, tiny
     import csv
     import json
 
-    import lightning as L
-    from lightning.pytorch.loggers import CSVLogger
-
     from conftest import write_jsonl
     from mke_lightning.callbacks import EditEvaluation
-    from mke_lightning.compare import compare_runs
     from mke_lightning.data import EditDataModule
-    from mke_lightning.perplexity import PerplexityConfig
+    from mke_lightning.evaluation.perplexity import PerplexityConfig
+    from mke_lightning.reporting.compare import compare_runs
+    from test_evaluation_callback import _trainer
 
     model, tok = tiny
     records = _records()
@@ -269,10 +282,12 @@ def test_the_callback_reports_the_measure_in_every_file_and_table(tmp_path, tiny
         p.requires_grad_(False)
     runs = {}
     for name, fit in (("edited", True), ("unedited", False)):
-        cb = EditEvaluation(perplexity=PerplexityConfig(enabled=False), neighbourhood=NeighbourhoodConfig(per_edit=3, seed=1),
-                            plots=False)
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=CSVLogger(tmp_path, name=name), callbacks=[cb],
-                            enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=1)
+        cb = EditEvaluation(
+            perplexity=PerplexityConfig(enabled=False),
+            neighbourhood=NeighbourhoodConfig(per_edit=3, seed=1),
+            plots=False,
+        )
+        trainer = _trainer(tmp_path, name, cb)
         dm = EditDataModule(path=str(path), format="jsonl", eval_languages=LANGS)
         (trainer.fit if fit else trainer.test)(_noisy_module(model, tok), datamodule=dm)
         runs[name] = cb
@@ -316,4 +331,6 @@ def test_a_checkpoint_from_before_the_measure_resumes_without_it():
     cb = EditEvaluation(neighbourhood=NeighbourhoodConfig(per_edit=2))
     cb.edit_lang, cb.eval_langs, cb._ppl_langs, cb._sequential = "en", LANGS, [], False
     with pytest.raises(ValueError, match="neighbourhood"):  # another number of neighbours than the checkpoint's
-        cb._check_resumable({"settings": {**saved, "measures": list(MEASURES), "neighbourhood": {"per_edit": 5, "seed": 0}}})
+        cb._check_resumable(
+            {"settings": {**saved, "measures": list(MEASURES), "neighbourhood": {"per_edit": 5, "seed": 0}}}
+        )

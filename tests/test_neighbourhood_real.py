@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mke_lightning.data import read_mzsre
-from mke_lightning.evaluation import EditEvaluator, build_items
-from mke_lightning.neighbourhood import NeighbourhoodConfig, NeighbourPool
+from mke_lightning.evaluation.evaluator import EditEvaluator, build_items
+from mke_lightning.evaluation.neighbourhood import NeighbourhoodConfig, NeighbourPool
 
 pytestmark = pytest.mark.real_model
 

@@ -7,7 +7,6 @@ import sys
 import zipfile
 
 import mke_lightning.callbacks as callbacks
-
 from conftest import REPO
 
 
@@ -18,8 +17,20 @@ def test_editable_install_maps_callbacks():
 
 def test_wheel_contains_callbacks_and_demo_data(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
-        check=True, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+        cwd=tmp_path,
     )
     wheel = next(tmp_path.glob("mke_lightning-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())

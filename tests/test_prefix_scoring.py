@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mke_lightning.prefix_scoring import greedy_continue, prefill, score_and_continue, score_targets
-from mke_lightning.scoring import kept_logits, pack, target_logprobs, token_accuracy
+from mke_lightning.modeling.forward import kept_logits, pack, target_logprobs, token_accuracy
+from mke_lightning.modeling.prefix_scoring import greedy_continue, prefill, score_and_continue, score_targets
 
 VOCAB = 48
 PAD = 0
@@ -56,7 +56,10 @@ def model(request):
 
 def _prompts_and_targets(seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    rand = lambda n: torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
+    def rand(n):
+        return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
     prompts = [[1, *rand(n)] for n in (4, 9, 6, 12)]
     rows = [(0, rand(1)), (0, rand(3)), (1, rand(5)), (2, rand(2)), (3, rand(4)), (3, rand(1)), (1, rand(2))]
     return prompts, rows
@@ -98,7 +101,10 @@ def test_each_row_stops_at_its_own_end_token(model):
     prompts, _ = _prompts_and_targets(seed=3)
     free = greedy_continue(model, prefill(model, prompts, PAD), [6] * 4, end_ids=set(), pad_id=PAD)
     end = free[2][2]  # a token the model does produce: row 2 stops at its third step at the latest
-    cut = lambda row, keep: next((row[: i + keep] for i, t in enumerate(row) if t == end), row)
+
+    def cut(row, keep):
+        return next((row[: i + keep] for i, t in enumerate(row) if t == end), row)
+
     dropped = greedy_continue(model, prefill(model, prompts, PAD), [6] * 4, end_ids={end}, pad_id=PAD)
     kept = greedy_continue(model, prefill(model, prompts, PAD), [6] * 4, end_ids={end}, pad_id=PAD, keep_end=True)
     assert dropped == [cut(r, 0) for r in free]
@@ -126,7 +132,10 @@ def test_continuations_that_follow_a_target_equal_generate(model):
     prompts, _ = _prompts_and_targets(seed=5)
     widths = [6, 6, 5, 4]
     own = [_generate_one(model, p, w) for p, w in zip(prompts, widths)]
-    wrong = lambda t: 3 + (t - 2) % (VOCAB - 3)  # any other ordinary token
+
+    def wrong(t):
+        return 3 + (t - 2) % (VOCAB - 3)  # any other ordinary token
+
     targets = [
         own[0][:4],                       # followed to its end, then two more tokens
         own[1][:2] + [wrong(own[1][2])],  # followed for two tokens, then it departs
@@ -150,14 +159,19 @@ def test_a_followed_target_stops_at_an_end_token_inside_it(model):
     end = own[0][1]  # the second token of row 0 ends the row: inside its target, which the path follows
     first = own[0].index(end)
     targets = [own[0][:4], own[1][:3], [], own[3][:1]]
-    _, gens = score_and_continue(model, prefill(model, prompts, PAD), targets, [5] * 4, end_ids={end}, pad_id=PAD, keep_end=True)
-    cut = lambda row: next((row[: i + 1] for i, t in enumerate(row) if t == end), row)
+    _, gens = score_and_continue(
+        model, prefill(model, prompts, PAD), targets, [5] * 4, end_ids={end}, pad_id=PAD, keep_end=True
+    )
+
+    def cut(row):
+        return next((row[: i + 1] for i, t in enumerate(row) if t == end), row)
+
     assert gens == [cut(r) for r in own]
     assert gens[0] == own[0][: first + 1]
 
 
 def test_the_lm_head_gets_a_contiguous_input_and_the_same_logits():
-    from mke_lightning.model_loading import contiguous_head_input
+    from mke_lightning.modeling.loading import contiguous_head_input
 
     torch.manual_seed(0)
     model = _llama().eval()

@@ -6,16 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mke_lightning.editor import EditLossConfig, KnowledgeEditor
-from mke_lightning.key_statistics import KeyStatistics
-from mke_lightning.masked_lora import LoRAConfig
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.neurons import NeuronMask
-from mke_lightning.preserve import PreservationConfig
-from mke_lightning.scoring import left_pad
-from mke_lightning.value_update import ValueUpdateConfig
-
 from conftest import out_projection_changes, two_fact_records
+from mke_lightning.editing.editor import EditLossConfig, KnowledgeEditor
+from mke_lightning.editing.key_statistics import KeyStatistics
+from mke_lightning.editing.masked_lora import LoRAConfig
+from mke_lightning.editing.preserve import PreservationConfig
+from mke_lightning.editing.value_update import ValueUpdateConfig
+from mke_lightning.localization.neurons import NeuronMask
+from mke_lightning.modeling.forward import left_pad
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 MASK = NeuronMask("a", {"independent": {0: [1, 5, 8, 12], 1: [9, 20]}, "specific": {1: [3, 7, 30]}})
 TEXT = ["the sky is blue", "honey is made by bees", "le ciel est bleu", "der himmel ist blau", "what colour is the sky"]
@@ -62,7 +61,7 @@ def _ordinary_change(ed, before, keys) -> float:
 def test_the_penalty_is_the_relative_output_change_on_the_statistics(tiny_llama_dir):
     ed = _editor(tiny_llama_dir, PreservationConfig(penalty=2.0))
     keys = _with_stats(ed)
-    from mke_lightning.masked_lora import attach
+    from mke_lightning.editing.masked_lora import attach
 
     handle = attach(ed.causal_lm, ed.arch, MASK, ed.lora_config)
     for p in handle.parameters():
@@ -107,7 +106,7 @@ def test_sequential_edits_pay_for_moving_an_earlier_edits_keys(tiny_llama_dir):
         ids, mask, pos = left_pad([ed._rows([a])[0][0]], ed.tokenizer.pad_token_id)
         caught = {}
         hooks = [ed.causal_lm.get_submodule(ed.arch.mlp_out_name(l)).register_forward_pre_hook(
-            lambda m, x, l=l: caught.__setitem__(l, x[0][0, -1].detach().float())) for l in range(2)]
+            lambda m, x, l=l, caught=caught: caught.__setitem__(l, x[0][0, -1].detach().float())) for l in range(2)]
         with torch.no_grad():
             ed.causal_lm(input_ids=ids, attention_mask=mask, position_ids=pos)
         for h in hooks:

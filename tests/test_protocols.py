@@ -1,16 +1,16 @@
-"""Editing protocols on a tiny model: sequential edits accumulate inside their masks, batch edits share one united mask."""
+"""Editing protocols on a tiny model: sequential edits accumulate inside their masks, batch edits share one
+united mask."""
 
 from __future__ import annotations
 
 import torch
 
-from mke_lightning.editor import EditLossConfig, KnowledgeEditor, unite_masks
-from mke_lightning.evaluation import EditEvaluator, build_items
-from mke_lightning.masked_lora import LoRAConfig
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.neurons import NeuronMask
-
 from conftest import out_projection_changes, two_fact_records
+from mke_lightning.editing.editor import EditLossConfig, KnowledgeEditor
+from mke_lightning.editing.masked_lora import LoRAConfig
+from mke_lightning.evaluation.evaluator import EditEvaluator, build_items
+from mke_lightning.localization.neurons import NeuronMask, unite_masks
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 MASKS = {
     "a": NeuronMask("a", {"independent": {0: [1, 5]}, "specific": {1: [3, 7]}}),

@@ -7,13 +7,12 @@ import json
 import pytest
 import torch
 
-from mke_lightning.data import read_mzsre
-from mke_lightning.editor import KnowledgeEditor
-from mke_lightning.evaluation import EditEvaluator, build_items
-from mke_lightning.localization import LocalizationConfig, locate
-from mke_lightning.scoring import encode_prompt, greedy_generate
-
 from conftest import REPO
+from mke_lightning.data import read_mzsre
+from mke_lightning.editing.editor import KnowledgeEditor
+from mke_lightning.evaluation.evaluator import EditEvaluator, build_items
+from mke_lightning.localization.locate import LocalizationConfig, locate
+from mke_lightning.modeling.forward import encode_prompt, greedy_generate
 
 pytestmark = pytest.mark.real_model
 

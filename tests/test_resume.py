@@ -18,12 +18,11 @@ import pytest
 import torch
 import yaml
 
-from mke_lightning.export import load_edits, read_deltas, undo_edits
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.neuron_cache import model_fingerprint
-from mke_lightning.neuron_delta import read_delta
-
 from conftest import toy_record, write_jsonl
+from mke_lightning.editing.export import load_edits, read_deltas, undo_edits
+from mke_lightning.editing.neuron_delta import read_delta
+from mke_lightning.localization.cache import model_fingerprint
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 from test_faults import _run_mke
 
 TIMINGS = ("eval_seconds_per_edit_median_rank0", "seconds_rank0")  # the only figures a restart may change
@@ -45,8 +44,9 @@ def run_configs(tmp_path: Path, cfg: dict, every_n_edits: int = 2, kill_after: i
 
 
 def fit(config: Path, args: list[str], save_dir: Path, tmp_path: Path, *extra: str):
-    return _run_mke(["fit", "--config", str(config), *args, "--trainer.logger.init_args.save_dir", str(save_dir), *extra],
-                    tmp_path)
+    return _run_mke(
+        ["fit", "--config", str(config), *args, "--trainer.logger.init_args.save_dir", str(save_dir), *extra], tmp_path
+    )
 
 
 def results(folder: Path) -> dict:
@@ -165,7 +165,9 @@ def test_the_folders_of_a_run_resumed_before_the_fix_cannot_be_exported_together
     for item in sorted(folder.glob("*.safetensors"))[2:]:
         (late / item.name).write_bytes(item.read_bytes())
     model, tok, arch = load_causal_lm(ModelConfig(name_or_path=str(tiny_llama_dir)))
-    with pytest.raises(ValueError, match=r"000002_r2.safetensors: covers record 'r2', which .*000002_r2.safetensors covers too"):
+    with pytest.raises(
+        ValueError, match=r"000002_r2.safetensors: covers record 'r2', which .*000002_r2.safetensors covers too"
+    ):
         load_edits(model, arch, [folder, late], tokenizer=tok)
     assert len(read_deltas([folder])) == 6
     undo_edits(load_edits(model, arch, [folder], tokenizer=tok))

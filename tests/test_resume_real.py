@@ -23,11 +23,10 @@ import pytest
 import torch
 import yaml
 
-from mke_lightning.export import load_edits, undo_edits
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.neuron_cache import model_fingerprint
-
 from conftest import REPO
+from mke_lightning.editing.export import load_edits, undo_edits
+from mke_lightning.localization.cache import model_fingerprint
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 from test_resume import assert_same_deltas, deltas, results, run_configs
 
 pytestmark = pytest.mark.real_model
@@ -56,8 +55,13 @@ def _config(tmp_path: Path, mzsre_dir: Path) -> dict:
 def _fit(config: Path, save_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
     mke = Path(sys.executable).parent / "mke"
-    return subprocess.run([str(mke), "fit", "--config", str(config), "--trainer.logger.init_args.save_dir", str(save_dir),
-                           *extra], capture_output=True, text=True, timeout=1800, env=env)
+    return subprocess.run(
+        [str(mke), "fit", "--config", str(config), "--trainer.logger.init_args.save_dir", str(save_dir), *extra],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env=env,
+    )
 
 
 def test_a_killed_sequential_memla_run_on_mzsre_resumes_as_the_run_never_stopped(tmp_path, mzsre_dir):

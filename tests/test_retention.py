@@ -12,16 +12,15 @@ import pytest
 import torch
 import yaml
 
+from conftest import toy_record, write_jsonl
 from mke_lightning.callbacks import EditEvaluation
 from mke_lightning.data import EditDataModule
-from mke_lightning.editor import EditLossConfig, KnowledgeEditor
-from mke_lightning.evaluation import EditEvaluator, build_items
-from mke_lightning.masked_lora import LoRAConfig
-from mke_lightning.model_loading import ModelConfig
-from mke_lightning.neurons import NeuronMask
-from mke_lightning.perplexity import PerplexityConfig
-
-from conftest import toy_record, write_jsonl
+from mke_lightning.editing.editor import EditLossConfig, KnowledgeEditor
+from mke_lightning.editing.masked_lora import LoRAConfig
+from mke_lightning.evaluation.evaluator import EditEvaluator, build_items
+from mke_lightning.evaluation.perplexity import PerplexityConfig
+from mke_lightning.localization.neurons import NeuronMask
+from mke_lightning.modeling.loading import ModelConfig
 
 # Every edit trains the same neurons, so a later edit of the same prompt can overwrite an earlier one.
 NEURONS = {"independent": {0: list(range(0, 16, 2))}, "specific": {1: list(range(1, 16, 2))}}
@@ -51,11 +50,9 @@ def _fit(tmp_path, model_dir, protocol: str, records: list[dict], every: int | N
                              optimizer=lambda p: torch.optim.Adam(p, lr=0.05))
     module.neuron_masks = {r["id"]: NeuronMask(r["id"], NEURONS) for r in records}
     cb = EditEvaluation(perplexity=PerplexityConfig(enabled=False), plots=False, retention_every_n_edits=every)
-    from lightning.pytorch.loggers import CSVLogger
+    from test_evaluation_callback import _trainer
 
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=CSVLogger(tmp_path, name=name), callbacks=[cb],
-                        enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=1,
-                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer = _trainer(tmp_path, name, cb, num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(module, datamodule=data)
     return module, cb
 
@@ -73,7 +70,9 @@ def _value(rows: list[dict], rid: str, measure: str, proto: str, lang: str = "en
 @pytest.mark.parametrize("every, checkpoints", [(2, [2, 4]), (3, [3, 4]), (None, [4])])
 def test_sequential_retention_checkpoints_and_an_overwritten_edit(tmp_path, tiny_llama_dir, capsys, every, checkpoints):
     module, cb = _fit(tmp_path, tiny_llama_dir, "sequential", _records(), every)
-    assert [o.record_id for o in module.outcomes] == ["r0", "r1", "r2", "r3"] and not any(o.failed for o in module.outcomes)
+    assert [o.record_id for o in module.outcomes] == ["r0", "r1", "r2", "r3"] and not any(
+        o.failed for o in module.outcomes
+    )
     doc = json.loads(cb.written["results"].read_text())
 
     # checkpoints every K edits and at the end (not twice when the end is a multiple of K)
@@ -82,16 +81,27 @@ def test_sequential_retention_checkpoints_and_an_overwritten_edit(tmp_path, tiny
     assert [c["edits_done"] for c in ret["checkpoints"]] == checkpoints
     for c in ret["checkpoints"]:  # each pass re-scored every edit done by then: one edit prompt per edit and language
         assert c["summary"]["edits"] == c["edits_done"]
-        assert c["summary"]["counts"]["en"]["reliability"] == c["edits_done"] == c["summary"]["counts"]["fr"]["reliability"]
+        assert (
+            c["summary"]["counts"]["en"]["reliability"]
+            == c["edits_done"]
+            == c["summary"]["counts"]["fr"]["reliability"]
+        )
         assert set(c["summary"]["language"]) == {"en", "fr"} and "non_edit_languages" in c["summary"]["average"]
 
     # the final pass scored every edit, item for item as right after it, in the order they were made
     immediate, final = _csv(cb.written["edits"]), _csv(cb.written["retention"])
     assert len(final) == len(immediate)
-    assert [(r["record_id"], r["edit_number"]) for r in final if r["measure"] == "reliability" and r["eval_lang"] == "en"] == [
-        ("r0", "1"), ("r1", "2"), ("r2", "3"), ("r3", "4")]
+    assert [
+        (r["record_id"], r["edit_number"]) for r in final if r["measure"] == "reliability" and r["eval_lang"] == "en"
+    ] == [("r0", "1"), ("r1", "2"), ("r2", "3"), ("r3", "4")]
     # nothing changed after the last edit: its retention is its immediate evaluation
-    last = lambda rows: [{k: r[k] for k in ("eval_lang", "measure", "token_acc", "gen_em", "prob")} for r in rows if r["record_id"] == "r3"]
+    def last(rows):
+        return [
+            {k: r[k] for k in ("eval_lang", "measure", "token_acc", "gen_em", "prob")}
+            for r in rows
+            if r["record_id"] == "r3"
+        ]
+
     assert last(final) == last(immediate)
 
     # r0 held right after it was made; r3 gave its prompt another answer, so r0 is no longer retained
@@ -99,7 +109,10 @@ def test_sequential_retention_checkpoints_and_an_overwritten_edit(tmp_path, tiny
         assert _value(immediate, "r0", "reliability", proto) == 1.0
         assert _value(final, "r0", "reliability", proto) == 0.0
         assert _value(final, "r3", "reliability", proto) == 1.0
-    assert doc["results"]["language"]["en"]["reliability"]["token_acc"] > ret["checkpoints"][-1]["summary"]["language"]["en"]["reliability"]["token_acc"]
+    assert (
+        doc["results"]["language"]["en"]["reliability"]["token_acc"]
+        > ret["checkpoints"][-1]["summary"]["language"]["en"]["reliability"]["token_acc"]
+    )
     # ... which the final model itself confirms, scored afresh
     ev = EditEvaluator(module.tokenizer)
     items = [i for i in build_items(module.trainer.datamodule.records[0], ["en"]) if i.measure == "reliability"]
@@ -122,7 +135,9 @@ def test_sequential_retention_checkpoints_and_an_overwritten_edit(tmp_path, tiny
     assert doc["data"]["eval_languages"] == ["en", "fr"]
 
 
-def test_single_protocol_writes_no_retention_and_report_reads_old_and_new_files(tmp_path, tiny_llama_dir, capsys, monkeypatch):
+def test_single_protocol_writes_no_retention_and_report_reads_old_and_new_files(
+    tmp_path, tiny_llama_dir, capsys, monkeypatch
+):
     records = _records()[:2]
     _, cb = _fit(tmp_path, tiny_llama_dir, "single", records, every=1)
     doc = json.loads(cb.written["results"].read_text())
@@ -147,7 +162,10 @@ def test_single_protocol_writes_no_retention_and_report_reads_old_and_new_files(
     table = (out / "comparison.md").read_text()
     new_row = next(l for l in table.splitlines() if l.startswith("| memla (edited)"))
     old_row = next(l for l in table.splitlines() if l.startswith("| memla-old (edited)"))
-    cells = lambda row: [c.strip() for c in row.strip().strip("|").split("|")]
+
+    def cells(row):
+        return [c.strip() for c in row.strip().strip("|").split("|")]
+
     assert cells(new_row)[2] == "single" and cells(new_row)[4] == "jsonl run.jsonl, 2 records"
     assert cells(old_row)[2] == cells(old_row)[4] == "-"  # protocol and data unknown in an older file
     assert "reliability (token_acc)" in table  # the figures follow
@@ -156,7 +174,7 @@ def test_single_protocol_writes_no_retention_and_report_reads_old_and_new_files(
 def test_a_user_module_without_run_info_leaves_the_fields_out(tmp_path, tiny_llama_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mke_lightning.records import record_from_dict
+    from mke_lightning.data.records import record_from_dict
     from test_evaluation_callback import UserData, UserEditor
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
@@ -165,8 +183,15 @@ def test_a_user_module_without_run_info_leaves_the_fields_out(tmp_path, tiny_lla
     cb = EditEvaluation(perplexity=PerplexityConfig(enabled=False), plots=False, print_table=False)
     from lightning.pytorch.loggers import CSVLogger
 
-    L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=CSVLogger(tmp_path, name="user"), callbacks=[cb],
-              enable_checkpointing=False, enable_model_summary=False).fit(module, datamodule=UserData([record_from_dict(toy_record("u0"))]))
+    L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=CSVLogger(tmp_path, name="user"),
+        callbacks=[cb],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    ).fit(module, datamodule=UserData([record_from_dict(toy_record("u0"))]))
     doc = json.loads(cb.written["results"].read_text())
     assert doc["method"] == "UserEditor"
     assert not {"protocol", "train_languages", "settings", "data"} & set(doc)
@@ -177,7 +202,6 @@ def test_a_user_module_without_run_info_leaves_the_fields_out(tmp_path, tiny_lla
 
 def test_retention_every_n_edits_is_set_in_yaml(tmp_path, tiny_llama_dir):
     from mke_lightning.cli import MKECLI
-
     from test_cli import _toy_args
 
     args = _toy_args(tmp_path, tiny_llama_dir)

@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mke_lightning.data import read_mzsre
-from mke_lightning.editor import KnowledgeEditor
-from mke_lightning.masked_lora import LoRAConfig, attach
-from mke_lightning.model_loading import ModelConfig, load_causal_lm
-from mke_lightning.neuron_delta import NeuronDelta, OnTop, Restore
-from mke_lightning.neurons import NeuronMask
-
 from conftest import REPO, toy_record, write_jsonl
+from mke_lightning.data import read_mzsre
+from mke_lightning.editing.editor import KnowledgeEditor
+from mke_lightning.editing.masked_lora import LoRAConfig, attach
+from mke_lightning.editing.neuron_delta import NeuronDelta, OnTop, Restore
+from mke_lightning.localization.neurons import NeuronMask
+from mke_lightning.modeling.loading import ModelConfig, load_causal_lm
 
 OVERLAYS = sorted((REPO / "configs" / "scale").glob("*.yaml"))
 
@@ -56,8 +55,10 @@ def test_on_top_equals_merged_and_both_undo_exactly(fixture, request):
 
     delta = _trained_handle(model, arch).to_delta()
     assert delta.count() == 4 + 2  # the union of the mask per layer: {1, 5, 9, 20} and {3, 40}
-    assert all(v.shape == (idx.numel(), model.config.hidden_size if fixture == "tiny_llama_dir" else model.config.n_embd)
-               for idx, v in delta.layers.values())
+    assert all(
+        v.shape == (idx.numel(), model.config.hidden_size if fixture == "tiny_llama_dir" else model.config.n_embd)
+        for idx, v in delta.layers.values()
+    )
 
     restore = delta.merge_into(model, arch)
     merged = _logits(model, ids)
@@ -146,7 +147,7 @@ def test_random_init_builds_the_architecture_without_weights(tiny_llama_dir, tmp
 def test_scale_overlays_parse_onto_the_demo_and_build_their_strategy(overlay, tmp_path):
     from mke_lightning.cli import MKECLI
     from mke_lightning.data import EditDataModule
-    from mke_lightning.strategies import EditingDeepSpeedStrategy
+    from mke_lightning.modeling.strategies import EditingDeepSpeedStrategy
 
     args = ["--config", str(REPO / "configs" / "demo.yaml"), "--config", str(overlay),
             "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path)]
@@ -168,15 +169,17 @@ def test_scale_overlays_parse_onto_the_demo_and_build_their_strategy(overlay, tm
 
 @pytest.mark.real_model
 def test_real_model_int8_edit_moves_reliability(real_model, mzsre_dir):
-    from mke_lightning.attribution import AttributionConfig
-    from mke_lightning.evaluation import EditEvaluator, build_items
-    from mke_lightning.localization import LocalizationConfig, locate
+    from mke_lightning.evaluation.evaluator import EditEvaluator, build_items
+    from mke_lightning.localization.attribution import AttributionConfig
+    from mke_lightning.localization.locate import LocalizationConfig, locate
 
     model, tok, arch = load_causal_lm(ModelConfig(load_in_8bit=True))
     record = read_mzsre(mzsre_dir, ["en", "zh", "fr"])[0]
     ed = KnowledgeEditor(lora=LoRAConfig(merge_scale=1.0), optimizer=lambda p: torch.optim.Adam(p, lr=5e-3))
     ed.causal_lm, ed.tokenizer, ed.arch = model, tok, arch
-    mask = locate(model, tok, arch, record, "en", LocalizationConfig(attribution=AttributionConfig(method="grad_x_act")))
+    mask = locate(
+        model, tok, arch, record, "en", LocalizationConfig(attribution=AttributionConfig(method="grad_x_act"))
+    )
     assert mask.count() > 0
     ev = EditEvaluator(tok)
     items = build_items(record, ["en"])
@@ -196,7 +199,9 @@ def test_real_model_int8_edit_moves_reliability(real_model, mzsre_dir):
         assert torch.equal(before[k], v), f"{k} changed in an int8 model"
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (DeepSpeed, bitsandbytes CUDA, bf16)")
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (DeepSpeed, bitsandbytes CUDA, bf16)"
+)
 
 
 @needs_cuda
@@ -221,7 +226,14 @@ def test_ddp_editing_on_two_cpu_processes_edits_every_record_once(tmp_path, tiny
 
     data = write_jsonl(tmp_path / "five.jsonl", [toy_record(f"r{i}") for i in range(5)])
     args = _toy_args(tmp_path, tiny_llama_dir) + [
-        "--data.path", str(data), "--trainer.strategy", "ddp_editing", "--trainer.devices", "2", "--loss.max_steps", "3",
+        "--data.path",
+        str(data),
+        "--trainer.strategy",
+        "ddp_editing",
+        "--trainer.devices",
+        "2",
+        "--loss.max_steps",
+        "3",
     ]
     args = [a if a != "--loss.max_steps" else "--model.loss.max_steps" for a in args]
     mke = Path(sys.executable).parent / "mke"  # Lightning re-launches rank 1 with this process's argv

@@ -14,7 +14,7 @@ from mke_lightning.data.mkeb import read_mkeb
 from mke_lightning.data.mlake import read_mlake
 from mke_lightning.data.mquake import read_mquake
 from mke_lightning.data.mzsre import read_mzsre
-from mke_lightning.data.selection import select, shard
+from mke_lightning.data.selection import select_records, shard
 from mke_lightning.data.source import RecordSource
 from mke_lightning.data.zsre import read_zsre
 
@@ -34,6 +34,6 @@ __all__ = [
     "read_mquake",
     "read_mzsre",
     "read_zsre",
-    "select",
+    "select_records",
     "shard",
 ]

@@ -12,9 +12,9 @@ import os
 from typing import Any
 
 from mke_lightning.data.mzsre import parse_block
+from mke_lightning.data.records import EditRecord, RecordError
 from mke_lightning.data.source import Parser, RecordSource
 from mke_lightning.data.spans import ItemFile
-from mke_lightning.records import EditRecord, RecordError
 
 LANGUAGES = ("en", "zh")
 

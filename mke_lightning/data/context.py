@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from mke_lightning.records import EditRecord, LanguageFacts, RecordError, join_prompt
+from mke_lightning.data.records import EditRecord, LanguageFacts, RecordError, join_prompt
 
 # Attributes of a Hugging Face config that hold the number of positions, in the order looked up.
 CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
@@ -71,7 +71,9 @@ def check_prompt_lengths(
                 for name, prompt, answers in _texts(record.facts(lang))]
         if not rows:
             continue
-        prompt_ids = tokenizer([join_prompt(p, "", lang)[0] for lang, _, p, _ in rows], add_special_tokens=True)["input_ids"]
+        prompt_ids = tokenizer([join_prompt(p, "", lang)[0] for lang, _, p, _ in rows], add_special_tokens=True)[
+            "input_ids"
+        ]
         answers = [join_prompt("", a, lang)[1] for lang, _, _, ans in rows for a in ans]
         answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"] if answers else []
         k = 0
@@ -87,3 +89,45 @@ def check_prompt_lengths(
                     "with a longer context",
                     source=source, index=index, record_id=record.id, field=f"languages.{lang}.{name}",
                 )
+
+
+def reader_of(module, trainer) -> tuple[object, object, object]:
+    """``(module, model, tokenizer)`` of the LightningModule that reads the records (``module``, else the
+    trainer's), once its model is built; ``None`` for what is not there yet."""
+    if module is None and trainer is not None:
+        module = getattr(trainer, "lightning_module", None)
+    if module is None:
+        return None, None, None
+    getter = getattr(module, "get_causal_lm", None)
+    model = getter() if callable(getter) else getattr(module, "causal_lm", None)
+    return module, model, getattr(module, "tokenizer", None)
+
+
+def _model_name(model) -> str:
+    return getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+
+
+def check_run_context(module, model, tokenizer, data, selected: list[int], eval_languages: list[str]) -> None:
+    """Every selected record's prompts, with their answers, in the run's languages (the evaluation languages and
+    the module's ``train_languages``) fit in ``model``'s context (:class:`RecordError` naming the first that does
+    not); nothing to check for a model that states no context length."""
+    found = model_context(model)
+    if found is None:
+        return
+    positions, attribute = found
+    train = getattr(module, "train_languages", None) or []
+    languages = list(dict.fromkeys([*eval_languages, *train]))
+    check_prompt_lengths(((data[k], data.source_of(k), data.raw_index(k)) for k in selected),
+                         languages, tokenizer, positions, f"{attribute} of {_model_name(model)}")
+
+
+def check_module_masks(module, model) -> None:
+    """Bounds-check the module's neuron masks against its model before the first edit: a mask naming a layer or
+    neuron the model lacks is refused here, with its file, not half-way through the run after earlier edits."""
+    masks = getattr(module, "neuron_masks", None)
+    arch = getattr(module, "arch", None)
+    if model is None or arch is None or not masks:
+        return
+    from mke_lightning.localization.neurons import check_masks
+
+    check_masks(masks.values(), model, arch, f"model {_model_name(model)}")

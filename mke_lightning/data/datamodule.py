@@ -17,13 +17,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mke_lightning.data import formats
-from mke_lightning.data.context import check_prompt_lengths, model_context
+from mke_lightning.data.context import check_module_masks, check_run_context, reader_of
 from mke_lightning.data.jsonl import JsonlParser, demo_path
-from mke_lightning.data.selection import select, shard
-from mke_lightning.data.source import MAX_REASONS, ON_ERROR, RecordSource
-from mke_lightning.records import EditRecord, RecordError, is_language_code
+from mke_lightning.data.records import EditRecord, RecordError, is_language_code
+from mke_lightning.data.selection import run_languages, select_run, shard, shard_run
+from mke_lightning.data.source import ON_ERROR, RecordSource, skip_summary
+from mke_lightning.reporting.run_settings import run_settings
 
-FORMATS = ("demo", "auto", *formats.FORMATS)
+FORMAT_CHOICES = ("demo", "auto", *formats.FORMATS)  # what `format` accepts: the adapters and two more
 
 
 class EditBatch:
@@ -150,28 +151,7 @@ class EditDataModule(L.LightningDataModule):
         on_error: str = "raise",
     ) -> None:
         super().__init__()
-        if format not in FORMATS:
-            raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
-        if format != "demo" and not path:
-            raise ValueError(f"format {format!r} needs a path (the data file, or the MzsRE / MLaKE folder)")
-        _check_language(edit_language, "edit_language")
-        if eval_languages is not None:
-            if isinstance(eval_languages, str) or not isinstance(eval_languages, (list, tuple)):
-                raise ValueError(f"eval_languages must be a list of language codes, got {eval_languages!r}")
-            for lang in eval_languages:
-                _check_language(lang, "eval_languages")
-        if limit is not None and limit < 1:
-            raise ValueError(f"limit must be a positive number of records or None, got {limit}")
-        if offset < 0:
-            raise ValueError(f"offset must be >= 0, got {offset}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if ids is not None and (isinstance(ids, str) or not all(isinstance(i, str) and i for i in ids) or not ids):
-            raise ValueError(f"ids must be a non-empty list of record ids, got {ids!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be an integer or None, got {seed!r}")
-        if on_error not in ON_ERROR:
-            raise ValueError(f"on_error must be one of {list(ON_ERROR)}, got {on_error!r}")
+        _check_arguments(path, format, edit_language, eval_languages, limit, offset, batch_size, ids, seed, on_error)
         self.save_hyperparameters()
         self.path = path
         self.format = format
@@ -221,61 +201,19 @@ class EditDataModule(L.LightningDataModule):
     def _load(self) -> None:
         if self._data is None:
             data = self._open()
-            selected = select(data, self.ids, self.offset, self.limit)
-            if not len(selected):
-                raise RecordError(
-                    f"no records selected: the data has {len(data)}, offset={self.offset}, limit={self.limit}"
-                    + ("" if self.ids is None else f", {len(self.ids)} ids"),
-                    source=self._source_name(),
-                )
-            self.skipped, self.skip_reasons = data.skipped, list(data.skip_reasons)
-            selected = self._check_languages(data, selected)
-            self._eval_languages = self._languages_of_run(data, selected)
+            required = list(dict.fromkeys([self.edit_language, *(self._requested_eval or [])]))
+            selected, lacking, self.skip_reasons = select_run(data, self.ids, self.offset, self.limit, required,
+                                                              self.edit_language, self.on_error, self._source_name())
+            self.skipped = data.skipped + lacking
+            self._eval_languages = run_languages(data, selected, self.edit_language, self._requested_eval)
             self._data, self._selected = data, selected
             self._report_at_setup()
         rank, world_size = self._rank()
         if self._records is None or self._shard_key != (rank, world_size):
-            self._records = self._shard(rank, world_size)
+            assert self._data is not None and self._selected is not None
+            share = shard_run(self._data, self._selected, rank, world_size, self.seed, self._source_name())
+            self._records = RecordList(self._data, share)
             self._shard_key = (rank, world_size)
-
-    def _check_languages(self, data: RecordSource, selected: np.ndarray) -> np.ndarray:
-        """Drop (``skip``) or refuse selected records that lack a needed language."""
-        required = [self.edit_language, *(self._requested_eval or [])]
-        required = list(dict.fromkeys(required))
-        complete = np.array([all(lang in sig for lang in required) for sig in data.signatures], dtype=bool)
-        lacking = selected[~complete[data.signature_indices[selected]]]
-        for k in lacking.tolist()[: 1 if self.on_error == "raise" else MAX_REASONS]:
-            record = data[k]
-            missing = [lang for lang in required if lang not in record.languages]
-            err = RecordError(
-                f"language {missing[0]!r} is missing (record has {sorted(record.languages)}; "
-                f"edit_language={self.edit_language!r}, eval_languages={required})",
-                source=data.source_of(k), index=data.raw_index(k), record_id=record.id, field=f"languages.{missing[0]}",
-            )
-            if self.on_error == "raise":
-                raise err
-            if len(self.skip_reasons) < MAX_REASONS:
-                self.skip_reasons.append(str(err))
-        if not len(lacking):
-            return selected
-        self.skipped += len(lacking)
-        kept = selected[complete[data.signature_indices[selected]]]
-        if not len(kept):
-            raise RecordError(
-                f"no records left: all {len(selected)} selected records lack one of {required} (on_error: skip)",
-                source=self._source_name(),
-            )
-        return kept
-
-    def _languages_of_run(self, data: RecordSource, selected: np.ndarray) -> list[str]:
-        if self._requested_eval is None:
-            # Languages every selected record has, in the first record's order.
-            used = [data.signatures[s] for s in np.unique(data.signature_indices[selected]).tolist()]
-            first = data.signatures[int(data.signature_indices[selected[0]])]
-            shared = [lang for lang in first if all(lang in sig for sig in used)]
-        else:
-            shared = list(dict.fromkeys(self._requested_eval))
-        return [self.edit_language, *(lang for lang in shared if lang != self.edit_language)]
 
     def _rank(self) -> tuple[int, int]:
         """(global rank, world size) from the trainer; (0, 1) without one."""
@@ -284,29 +222,12 @@ class EditDataModule(L.LightningDataModule):
             return 0, 1
         return int(trainer.global_rank), int(trainer.world_size)
 
-    def _shard(self, rank: int, world_size: int) -> RecordList:
-        assert self._data is not None and self._selected is not None
-        groups = self._data.raw_indices[self._selected]
-        units = int(np.count_nonzero(np.r_[True, groups[1:] != groups[:-1]]))
-        if units < world_size:
-            raise RecordError(
-                f"{len(self._selected)} selected records ({units} units) cannot give each of {world_size} ranks "
-                "at least one; select more records or run on fewer devices",
-                source=self._source_name(),
-            )
-        return RecordList(self._data, shard(self._selected, groups, rank, world_size, self.seed))
-
     def _report_at_setup(self) -> None:
         if self.skipped:
-            rank_zero_warn(self._skip_summary())
+            rank_zero_warn(skip_summary(self.skipped, self.skip_reasons, self._source_name()))
         unlinked = (self.notes.get("multi_hop_unlinked") or {}) if self._data is not None else {}
         if any(unlinked.values()):
             rank_zero_warn(f"{sum(unlinked.values())} multi-hop questions link to no edit and are not used: {unlinked}")
-
-    def _skip_summary(self) -> str:
-        shown = "\n  ".join(self.skip_reasons)
-        more = "" if self.skipped <= len(self.skip_reasons) else f"\n  ... and {self.skipped - len(self.skip_reasons)} more"
-        return f"{self.skipped} bad records skipped (on_error: skip) in {self._source_name()}:\n  {shown}{more}"
 
     # -------------------------------------------------------------- lifecycle
 
@@ -314,13 +235,16 @@ class EditDataModule(L.LightningDataModule):
         """Nothing to download: data is read from local files in :meth:`setup`."""
 
     def setup(self, stage: str | None = None) -> None:
-        """Check the data and pick this rank's records (the data is read once)."""
+        """Check the data and pick this rank's records (the data is read once); the run's settings
+        get the data's description (``results.json``'s ``data``, taken when the results are written)."""
         self._load()
+        run_settings(self.trainer).add("data", self.describe)
 
     def teardown(self, stage: str | None = None) -> None:
         """At the end of a run, report the skipped records again."""
         if self.skipped:
-            rank_zero_warn(f"end of {stage or 'run'}: " + self._skip_summary())
+            summary = skip_summary(self.skipped, self.skip_reasons, self._source_name())
+            rank_zero_warn(f"end of {stage or 'run'}: {summary}")
 
     @property
     def records(self) -> RecordList:
@@ -368,40 +292,9 @@ class EditDataModule(L.LightningDataModule):
         ``records_selected`` counts them over all ranks, after records lacking a needed
         language were left out; ``skipped``: bad records left out (``on_error: skip``).
         """
-        self._load()
-        assert self._data is not None
-        demo = self.format == "demo"
-        out: dict[str, Any] = {
-            "format": "jsonl" if demo else formats.detect_format(self.path) if self.format == "auto" else self.format,
-            "format_option": self.format,
-            "path": str(demo_path()) if demo else str(self.path),
-            "files": [str(f.path) for f in self._data.parser.files],
-            "edit_language": self.edit_language,
-            "eval_languages": self.eval_languages,
-            "selection": {"ids": self.ids, "offset": self.offset, "limit": self.limit, "seed": self.seed},
-            "batch_size": self.batch_size,
-            "records_in_data": len(self._data),
-            "records_selected": self.num_selected,
-            "on_error": self.on_error,
-            "skipped": self.skipped,
-        }
-        if self.notes:
-            out["notes"] = self.notes
-        return out
+        return describe_data(self)
 
     # ------------------------------------------------- checks against the model
-
-    def _reader(self):
-        """``(module, model, tokenizer)`` of the module that reads the records, once its model is built."""
-        module = self._module
-        if module is None:
-            trainer = getattr(self, "trainer", None)
-            module = getattr(trainer, "lightning_module", None) if trainer is not None else None
-        if module is None:
-            return None, None, None
-        getter = getattr(module, "get_causal_lm", None)
-        model = getter() if callable(getter) else getattr(module, "causal_lm", None)
-        return module, model, getattr(module, "tokenizer", None)
 
     def _check_context(self) -> None:
         """Refuse the run when a prompt (with its answer) is longer than the model's context.
@@ -410,41 +303,16 @@ class EditDataModule(L.LightningDataModule):
         waiting), once per model, in the languages the run reads: the evaluation languages and
         the module's ``train_languages``.
         """
-        module, model, tokenizer = self._reader()
+        module, model, tokenizer = reader_of(self._module, getattr(self, "trainer", None))
         if model is None or tokenizer is None or self._context_checked == id(model):
             return
-        found = model_context(model)
         self._context_checked = id(model)
-        if found is None:
-            return
-        positions, attribute = found
         assert self._data is not None and self._selected is not None and self._eval_languages is not None
-        train = getattr(module, "train_languages", None) or []
-        languages = list(dict.fromkeys([*self._eval_languages, *train]))
-        name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-        data = self._data
         try:
-            check_prompt_lengths(
-                ((data[k], data.source_of(k), data.raw_index(k)) for k in self._selected.tolist()),
-                languages, tokenizer, positions, f"{attribute} of {name}",
-            )
+            check_run_context(module, model, tokenizer, self._data, self._selected.tolist(), self._eval_languages)
         except RecordError:
             self._context_checked = None
             raise
-
-    def _check_masks(self) -> None:
-        """Bounds-check the module's neuron masks against its model before the first edit: a mask
-        naming a layer or neuron the model lacks is refused here, with its file, not half-way
-        through the run after earlier edits were made."""
-        module, model, _ = self._reader()
-        masks = getattr(module, "neuron_masks", None)
-        arch = getattr(module, "arch", None)
-        if model is None or arch is None or not masks:
-            return
-        from mke_lightning.neurons import check_masks
-
-        name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-        check_masks(masks.values(), model, arch, f"model {name}")
 
     # -------------------------------------------------------------- dataloaders
 
@@ -480,7 +348,7 @@ class EditDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader[Any]:
         # Lightning asks for it after every on_fit_start (localisation included), before the first edit.
-        self._check_masks()
+        check_module_masks(*reader_of(self._module, getattr(self, "trainer", None))[:2])
         return self._loader()
 
     def val_dataloader(self) -> DataLoader[Any]:
@@ -491,6 +359,57 @@ class EditDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader[Any]:
         return self._loader()
+
+
+def _check_arguments(path, format, edit_language, eval_languages, limit, offset, batch_size, ids, seed,
+                     on_error) -> None:
+    """Refuse a bad argument of :class:`EditDataModule`, naming it and what it takes."""
+    if format not in FORMAT_CHOICES:
+        raise ValueError(f"format must be one of {list(FORMAT_CHOICES)}, got {format!r}")
+    if format != "demo" and not path:
+        raise ValueError(f"format {format!r} needs a path (the data file, or the MzsRE / MLaKE folder)")
+    _check_language(edit_language, "edit_language")
+    if eval_languages is not None:
+        if isinstance(eval_languages, str) or not isinstance(eval_languages, (list, tuple)):
+            raise ValueError(f"eval_languages must be a list of language codes, got {eval_languages!r}")
+        for lang in eval_languages:
+            _check_language(lang, "eval_languages")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of records or None, got {limit}")
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if ids is not None and (isinstance(ids, str) or not all(isinstance(i, str) and i for i in ids) or not ids):
+        raise ValueError(f"ids must be a non-empty list of record ids, got {ids!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {list(ON_ERROR)}, got {on_error!r}")
+
+
+def describe_data(dm: EditDataModule) -> dict[str, Any]:
+    """:meth:`EditDataModule.describe` (loads the data)."""
+    dm._load()
+    assert dm._data is not None
+    demo = dm.format == "demo"
+    out: dict[str, Any] = {
+        "format": "jsonl" if demo else formats.detect_format(dm.path) if dm.format == "auto" else dm.format,
+        "format_option": dm.format,
+        "path": str(demo_path()) if demo else str(dm.path),
+        "files": [str(f.path) for f in dm._data.parser.files],
+        "edit_language": dm.edit_language,
+        "eval_languages": dm.eval_languages,
+        "selection": {"ids": dm.ids, "offset": dm.offset, "limit": dm.limit, "seed": dm.seed},
+        "batch_size": dm.batch_size,
+        "records_in_data": len(dm._data),
+        "records_selected": dm.num_selected,
+        "on_error": dm.on_error,
+        "skipped": dm.skipped,
+    }
+    if dm.notes:
+        out["notes"] = dm.notes
+    return out
 
 
 def _check_language(code: Any, name: str) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mke_lightning.records import RecordError, id_problem, is_language_code
+from mke_lightning.data.records import RecordError, id_problem, is_language_code
 
 # The zsRE-family English locality questions keep the Natural Questions task
 # prefix ("nq question: who sang ..."); translations dropped it. Stripped so
@@ -80,7 +80,9 @@ class Where:
 
     def language(self, code: Any, field: str) -> str:
         if not is_language_code(code):
-            raise self.error(field, f"language code {code!r} is not an ISO 639-1 code (two lower-case letters, e.g. 'en')")
+            raise self.error(
+                field, f"language code {code!r} is not an ISO 639-1 code (two lower-case letters, e.g. 'en')"
+            )
         return code
 
     def fill_subject(self, template: str, subject: str, field: str) -> str:

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from mke_lightning.data import bizsre, jsonl, mkeb, mlake, mquake, mzsre, zsre
+from mke_lightning.data.records import RecordError
 from mke_lightning.data.source import Parser, RecordSource
 from mke_lightning.data.spans import BadItem, ItemFile
-from mke_lightning.records import RecordError
 
 FORMATS = ("jsonl", "mzsre", "bizsre", "mkeb", "mlake", "mquake", "zsre")
 
@@ -78,7 +78,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     if first == "[":
         return _detect_array(path)
     raise RecordError(
-        "cannot detect the format: the file is neither a JSON list nor JSON Lines" + (" (it is empty)" if not first else ""),
+        "cannot detect the format: the file is neither a JSON list nor JSON Lines"
+        + (" (it is empty)" if not first else ""),
         source=str(path),
     )
 
@@ -135,7 +136,9 @@ def _detect_array(path: Path) -> str:
             source=str(path),
         )
     keys = sorted(item)[:8] if isinstance(item, dict) else type(item).__name__
-    raise RecordError(f"cannot detect the format from the first record (keys {keys}); set the format", source=str(path), index=0)
+    raise RecordError(
+        f"cannot detect the format from the first record (keys {keys}); set the format", source=str(path), index=0
+    )
 
 
 def _first_item(items: ItemFile) -> Any:

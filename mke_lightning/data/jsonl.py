@@ -12,9 +12,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from mke_lightning.data.records import EditRecord, record_from_dict
 from mke_lightning.data.source import Parser, RecordSource
 from mke_lightning.data.spans import ItemFile
-from mke_lightning.records import EditRecord, record_from_dict
 
 DEMO_RESOURCE = "demo_edits.jsonl"
 

@@ -33,9 +33,9 @@ import os
 from typing import Any
 
 from mke_lightning.data.fields import Where
+from mke_lightning.data.records import EditRecord, LanguageFacts, Probe
 from mke_lightning.data.source import Parser, RecordSource
 from mke_lightning.data.spans import ItemFile
-from mke_lightning.records import EditRecord, LanguageFacts, Probe
 
 _PER_LANGUAGE = ("paraphrase_prompts", "neighborhood_prompts", "neighborhood_answers")
 
@@ -67,7 +67,9 @@ class MkebParser(Parser):
         return [EditRecord(id=where.record_id, languages=facts)]
 
 
-def _facts(where: Where, edit: dict[str, Any], lang: str, per_lang: dict[str, dict[str, Any]], has_multi_hop: bool) -> LanguageFacts:
+def _facts(
+    where: Where, edit: dict[str, Any], lang: str, per_lang: dict[str, dict[str, Any]], has_multi_hop: bool
+) -> LanguageFacts:
     block = where.member(edit, lang, "edit")
     path = f"edit.{lang}"
     subject = where.text(block, "subject", path)
@@ -75,7 +77,9 @@ def _facts(where: Where, edit: dict[str, Any], lang: str, per_lang: dict[str, di
     prompts = where.texts(per_lang["neighborhood_prompts"], lang, "neighborhood_prompts", required=True)
     answers = where.texts(per_lang["neighborhood_answers"], lang, "neighborhood_answers", required=True)
     if len(prompts) != len(answers):
-        raise where.error(f"neighborhood_answers.{lang}", f"has {len(answers)} answers for {len(prompts)} neighborhood prompts")
+        raise where.error(
+            f"neighborhood_answers.{lang}", f"has {len(answers)} answers for {len(prompts)} neighborhood prompts"
+        )
     multi_hop: tuple[Probe, ...] = ()
     if has_multi_hop:
         answer = where.text(per_lang["multi_hop_new_answer"], lang, "multi_hop_new_answer")

@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mke_lightning.data.fields import Where
+from mke_lightning.data.records import EditRecord, LanguageFacts, Probe, RecordError
 from mke_lightning.data.source import Parser, RecordSource
 from mke_lightning.data.spans import BadItem, ItemFile
-from mke_lightning.records import EditRecord, LanguageFacts, Probe, RecordError
 
 LANGUAGES = ("de", "en", "fr", "ja", "zh")
 LINK_LANGUAGE = "en"  # the language of every multi-hop file's e_prompt
@@ -58,15 +58,22 @@ class MlakeParser(Parser):
         self.name = os.fspath(path)
         folder = dataset_folder(path)
         if folder is None:
-            raise RecordError(f"MLaKE path {self.name!r} holds no single_hop/ and multi_hop/ folders (nor dataset/ with them)")
+            raise RecordError(
+                f"MLaKE path {self.name!r} holds no single_hop/ and multi_hop/ folders (nor dataset/ with them)"
+            )
         self.folder = folder
         available = [lang for lang in LANGUAGES if (folder / "single_hop" / f"{lang}_qa.json").is_file()]
         if LINK_LANGUAGE not in available:
-            raise RecordError(f"MLaKE folder {str(folder)!r} lacks single_hop/{LINK_LANGUAGE}_qa.json, which the multi-hop questions link to")
+            raise RecordError(
+                f"MLaKE folder {str(folder)!r} lacks single_hop/{LINK_LANGUAGE}_qa.json, "
+                "which the multi-hop questions link to"
+            )
         self.languages = list(dict.fromkeys(languages or available))
         unknown = [lang for lang in self.languages if lang not in available]
         if unknown:
-            raise RecordError(f"language(s) {unknown} not in MLaKE folder {str(folder)!r} (it has {available})", source=self.name)
+            raise RecordError(
+                f"language(s) {unknown} not in MLaKE folder {str(folder)!r} (it has {available})", source=self.name
+            )
         # English is always read: its e_prompt is the key multi-hop questions link by.
         order = list(dict.fromkeys([LINK_LANGUAGE, *self.languages]))
         self.files = tuple(ItemFile(folder / "single_hop" / f"{lang}_qa.json", "array") for lang in order)
@@ -131,7 +138,9 @@ class MlakeParser(Parser):
 def _question(where: Where, item: Any) -> tuple[str, Probe]:
     """(English e_prompt it links by, the question as a probe) of one multi-hop item."""
     item = where.obj(item, "<record>")
-    probe = Probe(where.text(item, "question", ""), where.text(item, "e_answer", ""), where.texts(item, "e_answer_aliases", ""))
+    probe = Probe(
+        where.text(item, "question", ""), where.text(item, "e_answer", ""), where.texts(item, "e_answer_aliases", "")
+    )
     return where.text(item, "e_prompt", ""), probe
 
 

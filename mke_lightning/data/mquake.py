@@ -29,9 +29,9 @@ from dataclasses import replace
 from typing import Any
 
 from mke_lightning.data.fields import Where
+from mke_lightning.data.records import EditRecord, LanguageFacts, Probe
 from mke_lightning.data.source import Parser, RecordSource
 from mke_lightning.data.spans import ItemFile
-from mke_lightning.records import EditRecord, LanguageFacts, Probe
 
 
 class MquakeParser(Parser):

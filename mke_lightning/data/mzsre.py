@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from mke_lightning.data.fields import Where, strip_nq_prefix
+from mke_lightning.data.records import EditRecord, LanguageFacts, Probe, RecordError
 from mke_lightning.data.source import Parser, RecordSource
 from mke_lightning.data.spans import ItemFile
-from mke_lightning.records import EditRecord, LanguageFacts, Probe, RecordError
 
 FILE_PATTERN = re.compile(r"^mzsre_test_duplicate_([a-z]{2})([a-z]{2})\.json$")
 

@@ -22,8 +22,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from mke_lightning.data.records import EditRecord, RecordError
 from mke_lightning.data.spans import BadItem, ItemFile
-from mke_lightning.records import EditRecord, RecordError
 
 ON_ERROR = ("raise", "skip")
 MAX_REASONS = 20  # skipped records described one by one; the rest are only counted
@@ -232,3 +232,10 @@ class RecordSource(Sequence[EditRecord]):
     def close(self) -> None:
         for f in self.parser.files:
             f.close()
+
+
+def skip_summary(skipped: int, reasons: list[str], where: str) -> str:
+    """``N bad records skipped (on_error: skip) in <where>:`` and the first reasons, one a line."""
+    shown = "\n  ".join(reasons)
+    more = "" if skipped <= len(reasons) else f"\n  ... and {skipped - len(reasons)} more"
+    return f"{skipped} bad records skipped (on_error: skip) in {where}:\n  {shown}{more}"

@@ -17,7 +17,7 @@ import re
 from array import array
 from typing import Any, BinaryIO, Iterator
 
-from mke_lightning.records import RecordError
+from mke_lightning.data.records import RecordError
 
 CHUNK = 1 << 20  # bytes read at a time while scanning a JSON array
 _BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark some editors write
@@ -147,7 +147,9 @@ class ItemFile:
                     if nxt == "]":
                         cur.advance(cur.pos + 1)
                         break
-                    raise cur.error("expected ',' or ']' after a record" if nxt else "the list is not closed", index + 1)
+                    raise cur.error(
+                        "expected ',' or ']' after a record" if nxt else "the list is not closed", index + 1
+                    )
             if cur.peek():
                 raise cur.error("extra data after the closing ']'", None)
 
@@ -207,7 +209,9 @@ class _Cursor:
             # Keep the good text before the bad byte, so that scanning goes on up to it and
             # the error can name the record it falls in (``exc.object`` is ``pending + chunk``).
             more = exc.object[:exc.start].decode("utf-8")
-            self.bad = RecordError(_bad_utf8(exc, start + exc.start, "counted from 0 at the start of the file"), source=self.source)
+            self.bad = RecordError(
+                _bad_utf8(exc, start + exc.start, "counted from 0 at the start of the file"), source=self.source
+            )
             self.eof = True
         if self.pos > CHUNK:  # drop text already read, so the buffer stays about one chunk
             self.text, self.pos = self.text[self.pos:], 0

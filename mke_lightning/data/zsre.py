@@ -24,9 +24,9 @@ import os
 from typing import Any
 
 from mke_lightning.data.fields import Where, strip_nq_prefix
+from mke_lightning.data.records import EditRecord, LanguageFacts, Probe
 from mke_lightning.data.source import Parser, RecordSource
 from mke_lightning.data.spans import ItemFile
-from mke_lightning.records import EditRecord, LanguageFacts, Probe
 
 
 class ZsreParser(Parser):
@@ -44,7 +44,9 @@ class ZsreParser(Parser):
             target_new=where.text(item, "alt", ""),
             target_true=answers[0] if answers else None,
             paraphrases=(where.text(item, "rephrase", ""),),
-            locality=(Probe(strip_nq_prefix(where, where.text(item, "loc", ""), "loc"), where.text(item, "loc_ans", "")),),
+            locality=(
+                Probe(strip_nq_prefix(where, where.text(item, "loc", ""), "loc"), where.text(item, "loc_ans", "")),
+            ),
         )
         return [EditRecord(id=where.record_id, languages={"en": facts})]
 
