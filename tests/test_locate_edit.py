@@ -277,12 +277,12 @@ def test_a_locate_then_edit_method_runs_through_mke_fit(tmp_path, tiny_llama_dir
 def test_the_rows_other_positions_are_every_token_but_bos_the_subject_and_padding(tiny_llama_dir, toy_records):
     """``keep_other_positions`` fits ``ΔW k ≈ 0`` on these keys: each NLL row's prompt and target tokens
     (the row as the optimiser ran it) less its BOS and its subject's last token, nothing of the padding."""
-    from mke_lightning.editing.methods.locate_edit import EditRows
+    from mke_lightning.editing.methods.locate_edit import EditRows, other_keys
 
     ed = _editor(tiny_llama_dir, "memit", [1])
     impl = ed.method_impl
     rows = EditRows(ed.tokenizer, toy_records, ["en"], "en", impl.contexts())
-    other = impl._other_keys(rows, 1)  # [M, d_ff]
+    other = other_keys(ed, rows, 1)  # [M, d_ff]
     lengths = [len(rows.prompts[i]) + len(rows.targets[i]) - 1 for i in rows.nll_rows]
     assert len(set(lengths)) > 1  # rows of different lengths: padding is present
     assert other.shape == (sum(n - 2 for n in lengths), ed.causal_lm.config.intermediate_size)

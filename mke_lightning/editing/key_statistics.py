@@ -404,7 +404,9 @@ def _accumulate_batch(model, rows: list[list[int]], pad_id: int, skip_first: boo
 @torch.no_grad()
 def _collect(model, tokenizer, arch: ArchSpec, layers: list[int], rows: list[list[int]], cfg: KeyStatsConfig,
              partial: Path | None, expect: dict[str, str]) -> tuple[dict[int, torch.Tensor], int]:
-    """``({layer: Σ k kᵀ [d_ff, d_ff] float64}, number of keys)`` over this rank's batches, summed over ranks."""
+    """``({layer: Σ k kᵀ [d_ff, d_ff] float64}, number of keys)`` over this rank's batches, summed over ranks.
+
+    Hot path (every batch of the sample): resume, hooks, the batch loop and its checkpoints read top to bottom."""
     rank, world = rank_and_world()
     device = next(model.parameters()).device
     modules = {l: model.get_submodule(arch.mlp_out_name(l)) for l in layers}
@@ -496,24 +498,37 @@ def key_statistics(model, tokenizer, arch: ArchSpec, cfg: KeyStatsConfig, layers
 
         fingerprint = model_fingerprint(model, tokenizer, arch)
     settings = settings_key(cfg)
-    settings_digest = _digest(settings)
     folder = cache_folder(cfg, fingerprint) if cfg.cache else None
-
-    have = KeyStatistics({}, {})
-    sample_info = None
-    if folder is not None:
-        if (folder / "sample.json").exists():
-            sample_info = json.loads((folder / "sample.json").read_text(encoding="utf-8"))
-            if sample_info.get("model_fingerprint") != fingerprint or sample_info.get("settings_digest") != settings_digest:
-                sample_info = None
-        if sample_info is not None:
-            expect = {"model_fingerprint": fingerprint, "settings_digest": settings_digest, "sample_digest": sample_info["digest"]}
-            have = KeyStatistics.load(folder, layers, expect=expect)
+    have, sample_info = _cached(folder, layers, fingerprint, _digest(settings))
     missing = [l for l in layers if l not in have.layers]
     if not missing:
         log.info("key statistics: layers %s from %s", layers, folder)
         return have
+    fresh = _compute(model, tokenizer, arch, cfg, missing, folder, fingerprint, sample_info)
+    merged = {l: have._moments[l] for l in have.layers}
+    merged.update(fresh._moments)
+    tokens = {**{l: have.tokens(l) for l in have.layers}, **{l: fresh.tokens(l) for l in missing}}
+    return KeyStatistics(merged, tokens, fresh.metadata)
 
+
+def _cached(folder: Path | None, layers: list[int], fingerprint: str, settings_digest: str):
+    """What the cache ``folder`` holds for this model and settings: ``(statistics of the layers it has, the
+    sample's record or None)``."""
+    have = KeyStatistics({}, {})
+    if folder is None or not (folder / "sample.json").exists():
+        return have, None
+    sample_info = json.loads((folder / "sample.json").read_text(encoding="utf-8"))
+    if sample_info.get("model_fingerprint") != fingerprint or sample_info.get("settings_digest") != settings_digest:
+        return have, None
+    expect = {"model_fingerprint": fingerprint, "settings_digest": settings_digest, "sample_digest": sample_info["digest"]}
+    return KeyStatistics.load(folder, layers, expect=expect), sample_info
+
+
+def _compute(model, tokenizer, arch: ArchSpec, cfg: KeyStatsConfig, missing: list[int], folder: Path | None,
+             fingerprint: str, sample_info: dict | None) -> KeyStatistics:
+    """The statistics of the ``missing`` layers (the sample built first when ``sample_info`` is None), saved
+    into ``folder`` when it is given."""
+    settings = settings_key(cfg)
     t0 = time.perf_counter()
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -523,7 +538,7 @@ def key_statistics(model, tokenizer, arch: ArchSpec, cfg: KeyStatsConfig, layers
     if sample_info is None:
         sample_info = build_sample(model, tokenizer, cfg, folder, fingerprint)
     t_sample = time.perf_counter() - t0
-    expect = {"model_fingerprint": fingerprint, "settings_digest": settings_digest, "sample_digest": sample_info["digest"]}
+    expect = {"model_fingerprint": fingerprint, "settings_digest": _digest(settings), "sample_digest": sample_info["digest"]}
     rows = _rows(tokenizer, sample_info["sample"], cfg.max_length)
     if not rows:
         raise ValueError("key statistics: the sample is empty (every passage was dropped or the source has no text)")
@@ -548,10 +563,7 @@ def key_statistics(model, tokenizer, arch: ArchSpec, cfg: KeyStatsConfig, layers
         if partial is not None and partial.exists():
             partial.unlink()
         log.info("key statistics: layers %s computed over %d keys in %.1f s into %s", missing, count, time.perf_counter() - t0, folder)
-    merged = {l: have._moments[l] for l in have.layers}
-    merged.update(moments)
-    tokens = {**{l: have.tokens(l) for l in have.layers}, **{l: count for l in missing}}
-    return KeyStatistics(merged, tokens, metadata)
+    return fresh
 
 
 # --------------------------------------------------------------------------- command line

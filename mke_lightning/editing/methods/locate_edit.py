@@ -330,6 +330,64 @@ def row_forward(model, rows: "EditRows", pad: int, device, cached: bool = True):
     return PackedRows(model, rows, pad, device)
 
 
+@torch.no_grad()
+def subject_keys_now(editor, rows: EditRows, layer: int, per_row: bool) -> torch.Tensor:
+    """The keys at ``layer`` on the model with the lower layers' updates on top: ``[N, d_ff]`` per row
+    (``keys: rows``) or ``[U, d_ff]`` per unit (``keys: mean``)."""
+    ed = editor
+    nll = rows.nll_rows
+    prompts = [rows.prompts[i] for i in nll]
+    batch = pack(prompts, [[0]] * len(prompts), ed.tokenizer.pad_token_id).to(ed.device)
+    width = batch.input_ids.shape[1]
+    pos = torch.tensor([width - len(p) + rows.subject_pos[i] for p, i in zip(prompts, nll)])
+    hooks = SubjectHooks(ed.causal_lm, ed.arch, [layer], torch.arange(len(nll)).to(ed.device), pos.to(ed.device),
+                         torch.zeros(len(nll), dtype=torch.long), stop_after=layer)
+    try:
+        ed.causal_lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     position_ids=batch.position_ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        hooks.remove()
+    k = hooks.keys[layer]  # [N, d_ff]
+    if per_row:
+        return k
+    unit = torch.tensor([rows.row_unit[i] for i in nll], device=k.device)
+    n_units = len(rows.units)
+    n = torch.bincount(unit, minlength=n_units)[:, None]
+    return torch.zeros(n_units, k.shape[1], device=k.device).index_add_(0, unit, k) / n
+
+@torch.no_grad()
+def other_keys(editor, rows: EditRows, layer: int) -> torch.Tensor:
+    """Keys at ``layer`` of every position of the NLL rows (prompt and target) but the subject's last
+    token and the padding, on the model as it is now (lower layers' updates on top): ``[M, d_ff]``."""
+    ed = editor
+    nll = rows.nll_rows
+    batch = pack([rows.prompts[i] for i in nll], [rows.targets[i] for i in nll], ed.tokenizer.pad_token_id).to(ed.device)
+    width = batch.input_ids.shape[1]
+    keep = batch.attention_mask.bool().clone()  # [N, T]
+    for j, i in enumerate(nll):
+        row_len = len(rows.prompts[i]) + len(rows.targets[i]) - 1
+        start = width - row_len
+        keep[j, start] = False  # BOS: its activations are outliers no edit touches
+        keep[j, start + rows.subject_pos[i]] = False
+    got: dict[str, torch.Tensor] = {}
+
+    def grab(module, args):
+        got["k"] = args[0].detach()
+        raise _Stop
+
+    handle = ed.causal_lm.get_submodule(ed.arch.mlp_out_name(layer)).register_forward_pre_hook(grab)
+    try:
+        ed.causal_lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     position_ids=batch.position_ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return got["k"][keep.to(got["k"].device)].float()  # [M, d_ff]
+
+
 # --------------------------------------------------------------------------- the method base
 
 
@@ -459,7 +517,9 @@ class LocateThenEdit(EditMethod):
 
     def _target_vectors(self, rows: EditRows):
         """Optimise ``δ`` per layer and unit; returns ``((v* per layer, keys per layer), steps, loss)``: one
-        pair per row (``[N, d_model]``, ``[N, d_ff]``, ``keys: rows``) or per unit (``[U, ...]``, ``keys: mean``)."""
+        pair per row (``[N, d_model]``, ``[N, d_ff]``, ``keys: rows``) or per unit (``[U, ...]``, ``keys: mean``).
+
+        Hot path (every step of every edit): the optimisation loop reads top to bottom."""
         ed, cfg = self.editor, self.cfg
         model = ed.causal_lm
         fwd = row_forward(model, rows, ed.tokenizer.pad_token_id, ed.device, cfg.cached_prefix)
@@ -526,63 +586,6 @@ class LocateThenEdit(EditMethod):
         return (values, keys), steps, loss_v
 
     @torch.no_grad()
-    def _keys_now(self, rows: EditRows, layer: int, on_top: list) -> torch.Tensor:
-        """The keys at ``layer`` on the model with the lower layers' updates on top: ``[N, d_ff]`` per row
-        (``keys: rows``) or ``[U, d_ff]`` per unit (``keys: mean``)."""
-        ed = self.editor
-        nll = rows.nll_rows
-        prompts = [rows.prompts[i] for i in nll]
-        batch = pack(prompts, [[0]] * len(prompts), ed.tokenizer.pad_token_id).to(ed.device)
-        width = batch.input_ids.shape[1]
-        pos = torch.tensor([width - len(p) + rows.subject_pos[i] for p, i in zip(prompts, nll)])
-        hooks = SubjectHooks(ed.causal_lm, ed.arch, [layer], torch.arange(len(nll)).to(ed.device), pos.to(ed.device),
-                             torch.zeros(len(nll), dtype=torch.long), stop_after=layer)
-        try:
-            ed.causal_lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                         position_ids=batch.position_ids, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            hooks.remove()
-        k = hooks.keys[layer]  # [N, d_ff]
-        if self.cfg.keys == "rows":
-            return k
-        unit = torch.tensor([rows.row_unit[i] for i in nll], device=k.device)
-        n_units = len(rows.units)
-        n = torch.bincount(unit, minlength=n_units)[:, None]
-        return torch.zeros(n_units, k.shape[1], device=k.device).index_add_(0, unit, k) / n
-
-    @torch.no_grad()
-    def _other_keys(self, rows: EditRows, layer: int) -> torch.Tensor:
-        """Keys at ``layer`` of every position of the NLL rows (prompt and target) but the subject's last
-        token and the padding, on the model as it is now (lower layers' updates on top): ``[M, d_ff]``."""
-        ed = self.editor
-        nll = rows.nll_rows
-        batch = pack([rows.prompts[i] for i in nll], [rows.targets[i] for i in nll], ed.tokenizer.pad_token_id).to(ed.device)
-        width = batch.input_ids.shape[1]
-        keep = batch.attention_mask.bool().clone()  # [N, T]
-        for j, i in enumerate(nll):
-            row_len = len(rows.prompts[i]) + len(rows.targets[i]) - 1
-            start = width - row_len
-            keep[j, start] = False  # BOS: its activations are outliers no edit touches
-            keep[j, start + rows.subject_pos[i]] = False
-        got: dict[str, torch.Tensor] = {}
-
-        def grab(module, args):
-            got["k"] = args[0].detach()
-            raise _Stop
-
-        handle = ed.causal_lm.get_submodule(ed.arch.mlp_out_name(layer)).register_forward_pre_hook(grab)
-        try:
-            ed.causal_lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                         position_ids=batch.position_ids, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        return got["k"][keep.to(got["k"].device)].float()  # [M, d_ff]
-
-    @torch.no_grad()
     def _solve(self, rows: EditRows, values: dict, keys_opt: dict) -> NeuronDelta | None:
         """Each layer in ascending order: keys on the model holding the lower layers' updates, then the closed form."""
         ed, cfg = self.editor, self.cfg
@@ -591,13 +594,13 @@ class LocateThenEdit(EditMethod):
         solved_keys = {}
         try:
             for i, l in enumerate(cfg.layers):
-                keys = keys_opt[l] if i == 0 else self._keys_now(rows, l, on_top)  # [U, d_ff]
+                keys = keys_opt[l] if i == 0 else subject_keys_now(ed, rows, l, cfg.keys == "rows")  # [U, d_ff]
                 w = self.weight(l)  # [d_model, d_ff]
                 k = keys.T.double()  # [d_ff, U]
                 resid = values[l].T - w @ k  # [d_model, U]
                 fit_k, fit_r = k, resid
                 if cfg.keep_other_positions > 0:  # the rows' other tokens keep their outputs: ΔW k_o ≈ 0
-                    other = self._other_keys(rows, l).T.double() * math.sqrt(cfg.keep_other_positions)  # [d_ff, M]
+                    other = other_keys(ed, rows, l).T.double() * math.sqrt(cfg.keep_other_positions)  # [d_ff, M]
                     fit_k = torch.cat([k, other], dim=1)
                     fit_r = torch.cat([resid, resid.new_zeros(resid.shape[0], other.shape[1])], dim=1)
                 dw = self.solve_layer(l, fit_k, fit_r)  # [d_model, d_ff]
