@@ -330,6 +330,17 @@ def row_forward(model, rows: "EditRows", pad: int, device, cached: bool = True):
     return PackedRows(model, rows, pad, device)
 
 
+def _forward_until_stop(model, batch, cleanup) -> None:
+    """Run ``batch`` (a packed batch) until a hook raises :class:`_Stop`, then ``cleanup()`` the hooks."""
+    try:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+              use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        cleanup()
+
+
 @torch.no_grad()
 def subject_keys_now(editor, rows: EditRows, layer: int, per_row: bool) -> torch.Tensor:
     """The keys at ``layer`` on the model with the lower layers' updates on top: ``[N, d_ff]`` per row
@@ -342,13 +353,7 @@ def subject_keys_now(editor, rows: EditRows, layer: int, per_row: bool) -> torch
     pos = torch.tensor([width - len(p) + rows.subject_pos[i] for p, i in zip(prompts, nll)])
     hooks = SubjectHooks(ed.causal_lm, ed.arch, [layer], torch.arange(len(nll)).to(ed.device), pos.to(ed.device),
                          torch.zeros(len(nll), dtype=torch.long), stop_after=layer)
-    try:
-        ed.causal_lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                     position_ids=batch.position_ids, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        hooks.remove()
+    _forward_until_stop(ed.causal_lm, batch, hooks.remove)
     k = hooks.keys[layer]  # [N, d_ff]
     if per_row:
         return k
@@ -356,6 +361,7 @@ def subject_keys_now(editor, rows: EditRows, layer: int, per_row: bool) -> torch
     n_units = len(rows.units)
     n = torch.bincount(unit, minlength=n_units)[:, None]
     return torch.zeros(n_units, k.shape[1], device=k.device).index_add_(0, unit, k) / n
+
 
 @torch.no_grad()
 def other_keys(editor, rows: EditRows, layer: int) -> torch.Tensor:
@@ -378,13 +384,7 @@ def other_keys(editor, rows: EditRows, layer: int) -> torch.Tensor:
         raise _Stop
 
     handle = ed.causal_lm.get_submodule(ed.arch.mlp_out_name(layer)).register_forward_pre_hook(grab)
-    try:
-        ed.causal_lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                     position_ids=batch.position_ids, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
+    _forward_until_stop(ed.causal_lm, batch, handle.remove)
     return got["k"][keep.to(got["k"].device)].float()  # [M, d_ff]
 
 
